@@ -1,0 +1,37 @@
+# DvD — the two commands: `make serve` and `make test`. Everything else is set-up they call.
+PYTHON     ?= $(shell command -v python3.11 || command -v python3)
+VENV       := .venv
+BIN        := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= dev
+CONFIG     ?= configs/tiny.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install proto serve test bench bench-vision bench-engine bench-transfer tiny clean
+
+install: $(VENV)/.installed
+
+# Idempotent: re-runs only when pyproject.toml changes or the venv is missing.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	touch $@
+
+proto: install
+	$(BIN)/python -m proto
+
+tiny: proto
+	$(BIN)/python -m pipeline tiny
+
+serve: proto
+	$(BIN)/python -m pipeline serve --config $(CONFIG)
+
+test: proto
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
+	rm -f proto/dvd/v1/*_pb2.py proto/dvd/v1/*_pb2.pyi proto/dvd/v1/*_pb2_grpc.py

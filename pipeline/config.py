@@ -1,0 +1,300 @@
+"""Deployment configuration: one YAML file -> frozen dataclasses.
+
+Every key is declared here with its type and default; an unknown key, a wrong type or a
+value out of range stops start-up with a ConfigError naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration file names an unknown key or holds a bad value."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which checkpoint to serve."""
+
+    path: str = "tiny"  # local checkpoint directory, or "tiny" for the generated default model
+    format: Literal["auto", "hf", "original"] = "auto"
+    name: str = ""  # served model name; default: the directory name
+
+    def check(self) -> None:
+        if not self.path:
+            raise ValueError("path: must name a local checkpoint directory or 'tiny'")
+        if "://" in self.path:
+            raise ValueError(f"path: must be a local directory, not a URL ({self.path!r})")
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Tiling defaults and input limits applied to every image."""
+
+    min_tiles: int = 1
+    max_tiles: int = 12  # per image, thumbnail excluded
+    use_thumbnail: bool = True
+    max_image_bytes: int = 32 * 1024 * 1024
+    max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before decoding
+    min_image_side: int = 2  # pixels
+
+    def check(self) -> None:
+        _positive(self, "min_tiles", "max_tiles", "max_image_bytes", "max_image_pixels", "min_image_side")
+        if self.min_tiles > self.max_tiles:
+            raise ValueError(f"min_tiles ({self.min_tiles}) exceeds max_tiles ({self.max_tiles})")
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """The vision server: encoder placement, endpoints, batching."""
+
+    device: str = "cpu"
+    dtype: DType = "bfloat16"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    host: str = "127.0.0.1"
+    job_port: int = 5610  # jobs arrive here (ZMQ)
+    grpc_port: int = 50061  # health checking and admin
+    metrics_port: int = 9101  # Prometheus /metrics; 0 = off
+    max_batch_tiles: int = 64
+
+    def check(self) -> None:
+        _positive(self, "max_batch_tiles")
+        _ports(self, "job_port", "grpc_port", "metrics_port")
+        _non_negative(self, "threads")
+
+
+@dataclass(frozen=True)
+class LanguageConfig:
+    """The language server: LLM placement, public API, request limits."""
+
+    device: str = "cpu"
+    dtype: DType = "bfloat16"
+    threads: int = 0
+    host: str = "127.0.0.1"
+    grpc_port: int = 50051  # public gRPC API
+    feature_port: int = 5620  # features arrive here
+    metrics_port: int = 9100
+    vision_servers: tuple[str, ...] = ()  # "host:port" job endpoints; empty = the vision section's
+    max_model_len: int = 8192
+    default_max_new_tokens: int = 256
+    max_new_tokens_limit: int = 4096
+    system_prompt: str = ""
+    vision_timeout_s: float = 120.0
+    request_timeout_s: float = 600.0
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_images_per_request: int = 16
+    max_pending_requests: int = 256
+    api_key: str = ""  # when set, clients must send "authorization: Bearer <key>"
+
+    def check(self) -> None:
+        _positive(
+            self,
+            "max_model_len",
+            "default_max_new_tokens",
+            "max_new_tokens_limit",
+            "vision_timeout_s",
+            "request_timeout_s",
+            "max_request_bytes",
+            "max_images_per_request",
+            "max_pending_requests",
+        )
+        _ports(self, "grpc_port", "feature_port", "metrics_port")
+        _non_negative(self, "threads")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ValueError("default_max_new_tokens exceeds max_new_tokens_limit")
+        for address in self.vision_servers:
+            _host_port(address, "vision_servers")
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    """How features travel from vision to language servers."""
+
+    backend: str = "tcp"
+    send_timeout_s: float = 30.0
+    high_water_mark: int = 64  # messages queued per socket before senders block
+
+    def check(self) -> None:
+        from pipeline.transport import registered_backends
+
+        if self.backend not in registered_backends():
+            raise ValueError(f"backend: unknown backend {self.backend!r} (known: {registered_backends()})")
+        _positive(self, "send_timeout_s", "high_water_mark")
+
+
+@dataclass(frozen=True)
+class DvDConfig:
+    """A whole deployment: both servers, the model and the transport."""
+
+    mode: Literal["decoupled", "colocated"] = "decoupled"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    images: ImageLimits = field(default_factory=ImageLimits)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    source: str = field(default="<defaults>", compare=False)  # the file it came from
+
+    def check(self) -> None:
+        pass
+
+    @property
+    def vision_endpoints(self) -> tuple[str, ...]:
+        """The job endpoints the language server sends to."""
+        return self.language.vision_servers or (f"{self.vision.host}:{self.vision.job_port}",)
+
+
+def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> DvDConfig:
+    """Read a YAML deployment file; `overrides` maps dotted keys ("vision.threads") to values."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(raw, dotted, value)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DvDConfig:
+    """Build and validate a DvDConfig from plain data."""
+    try:
+        config = _build(DvDConfig, raw, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return dataclasses.replace(config, source=source)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse a command-line override "language.grpc_port=50052" (the value is YAML)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {text!r}: expected key=value")
+    return key.strip(), yaml.safe_load(value)
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-data form of a config (for YAML dumps and logs)."""
+    data = dataclasses.asdict(config)
+    data.pop("source", None)
+    return _plain(data)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[leaf] = value
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "top level"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]!r}" + (f" in {where}" if prefix else "") + f" (known: {', '.join(fields)})"
+        )
+    values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw}
+    try:
+        instance = cls(**values)
+        instance.check()
+    except ValueError as exc:
+        if isinstance(exc, ConfigError):
+            raise
+        raise ConfigError(f"{prefix}{exc}") from None
+    return instance
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+        return value
+    if origin in (types.UnionType, typing.Union):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
+        (inner, _ellipsis) = typing.get_args(hint)
+        return tuple(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {hint!r} for {key}")
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) <= 0:
+            raise ValueError(f"{name}: must be > 0, got {getattr(obj, name)!r}")
+
+
+def _non_negative(obj: Any, *names: str) -> None:
+    for name in names:
+        if getattr(obj, name) < 0:
+            raise ValueError(f"{name}: must be >= 0, got {getattr(obj, name)!r}")
+
+
+def _ports(obj: Any, *names: str) -> None:
+    for name in names:
+        port = getattr(obj, name)
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{name}: not a TCP port: {port!r}")
+
+
+def _host_port(address: str, key: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
+        raise ValueError(f"{key}: expected host:port, got {address!r}")
+    return host, int(port)

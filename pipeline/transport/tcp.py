@@ -1,0 +1,80 @@
+"""TCP transport over ZMQ: header and payload as one two-frame message, payload not copied."""
+
+from __future__ import annotations
+
+import zmq
+
+from pipeline.transport.base import (
+    FeatureReceiver,
+    FeatureSender,
+    ReceivedFrame,
+    TransportBackend,
+    TransportError,
+)
+
+
+class TcpSender(FeatureSender):
+    def __init__(self, context: zmq.Context, send_timeout_s: float, high_water_mark: int) -> None:
+        self._context = context
+        self._timeout_ms = int(send_timeout_s * 1000)
+        self._hwm = high_water_mark
+        self._sockets: dict[str, zmq.Socket] = {}
+
+    def _socket(self, address: str) -> zmq.Socket:
+        sock = self._sockets.get(address)
+        if sock is None:
+            sock = self._context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.SNDHWM, self._hwm)
+            sock.setsockopt(zmq.SNDTIMEO, self._timeout_ms)
+            sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not connected
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(address)
+            self._sockets[address] = sock
+        return sock
+
+    def send(self, address: str, header: bytes, payload: memoryview | bytes) -> None:
+        try:
+            self._socket(address).send_multipart([header, payload], copy=False)
+        except zmq.Again:
+            raise TransportError(f"no receiver took the features at {address} within {self._timeout_ms} ms") from None
+        except zmq.ZMQError as exc:
+            raise TransportError(f"cannot send to {address}: {exc}") from exc
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close(linger=0)
+        self._sockets.clear()
+
+
+class TcpReceiver(FeatureReceiver):
+    def __init__(self, context: zmq.Context, host: str, port: int, high_water_mark: int) -> None:
+        self._socket = context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.RCVHWM, high_water_mark)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self._socket.bind(f"tcp://{host}:{port}")
+        self._address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    @property
+    def address(self) -> str:
+        return self._address
+
+    def recv(self, timeout_s: float) -> ReceivedFrame | None:
+        if not self._socket.poll(int(timeout_s * 1000)):
+            return None
+        frames = self._socket.recv_multipart(copy=False)
+        if len(frames) != 2:
+            header = frames[0].bytes if frames else b""
+            return ReceivedFrame(header=header, payload=memoryview(b""), keepalive=None)
+        header, payload = frames
+        return ReceivedFrame(header=header.bytes, payload=payload.buffer, keepalive=payload)
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+
+class TcpBackend(TransportBackend):
+    def sender(self) -> FeatureSender:
+        return TcpSender(zmq.Context.instance(), self.config.send_timeout_s, self.config.high_water_mark)
+
+    def receiver(self, host: str, port: int) -> FeatureReceiver:
+        return TcpReceiver(zmq.Context.instance(), host, port, self.config.high_water_mark)

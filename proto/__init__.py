@@ -1,0 +1,5 @@
+"""Protocol buffers of DvD (package dvd.v1). Stubs are generated on first import."""
+
+from proto.build import build as _build
+
+_build()
