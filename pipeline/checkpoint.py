@@ -397,3 +397,12 @@ def _rebuild_meta_buffers(module: torch.nn.Module, device: torch.device | str) -
             fresh = type(child)(config=config)
         parent_name, _, attr = name.rpartition(".")
         setattr(module.get_submodule(parent_name) if parent_name else module, attr, fresh)
+
+
+def open_model(path: str, format: Literal["auto", "hf", "original"] = "auto") -> Checkpoint:
+    """Open the configured model: a local directory, or "tiny" (generated on first use)."""
+    if path == "tiny":
+        from pipeline.tiny_model import tiny_model_dir
+
+        return open_checkpoint(tiny_model_dir("hf" if format == "auto" else format), format)
+    return open_checkpoint(path, format)

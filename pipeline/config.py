@@ -221,9 +221,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ConfigError(
-            f"unknown key {prefix}{unknown[0]!r}" + (f" in {where}" if prefix else "") + f" (known: {', '.join(fields)})"
-        )
+        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (known keys here: {', '.join(fields)})")
     values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw}
     try:
         instance = cls(**values)

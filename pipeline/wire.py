@@ -50,6 +50,11 @@ class JobStatus:
     DEADLINE_EXCEEDED = pb.JOB_STATUS_DEADLINE_EXCEEDED
     INTERNAL = pb.JOB_STATUS_INTERNAL
 
+    @staticmethod
+    def name(code: int) -> str:
+        """"invalid_input" for JOB_STATUS_INVALID_INPUT, and so on."""
+        return pb.JobStatus.Name(code).removeprefix("JOB_STATUS_").lower()
+
 
 @dataclass(frozen=True)
 class VisionJob:
@@ -220,6 +225,14 @@ class Features:
     tensor: torch.Tensor | None  # [rows, hidden]; shares memory with `keepalive`
     keepalive: Any = None
     received_unix_s: float = 0.0
+
+    def release(self) -> None:
+        """Done with the rows: let the transport reclaim the payload memory."""
+        release = getattr(self.keepalive, "release", None)
+        if release is not None:
+            release()
+        self.keepalive = None
+        self.tensor = None
 
 
 def error_header(job_id: str, request_id: str, status: int, message: str, server_id: str = "") -> FeatureHeader:

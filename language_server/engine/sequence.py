@@ -1,0 +1,129 @@
+"""One request inside the engine: its prompt, its output so far, and when it ends."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from enum import Enum, auto
+
+import torch
+
+from language_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from language_server.engine.sampling import SampleOutput, SamplingParams
+
+
+@dataclass
+class EngineRequest:
+    """What the API layer hands the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    image_rows: torch.Tensor | None = None  # features for the <IMG_CONTEXT> positions, in order
+
+
+@dataclass
+class EngineOutput:
+    """New output of one request since its previous EngineOutput."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    logprobs: list[SampleOutput] = field(default_factory=list)
+    finish_reason: str | None = None  # "length", "eos", "stop_string"
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queued_s: float = 0.0  # engine arrival -> first scheduled
+    prefill_s: float = 0.0  # first scheduled -> first token
+    decode_s: float = 0.0  # first token -> finish
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None or self.error is not None
+
+
+class Status(Enum):
+    WAITING = auto()
+    RUNNING = auto()
+    FINISHED = auto()
+
+
+class Sequence:
+    """Engine-side state of one request."""
+
+    def __init__(self, request: EngineRequest, tokenizer, max_model_len: int) -> None:
+        self.request = request
+        self.request_id = request.request_id
+        self.params = request.params
+        self.prompt_ids = list(request.prompt_ids)
+        self.output_ids: list[int] = []
+        self.status = Status.WAITING
+        self.max_new_tokens = min(self.params.max_new_tokens, max_model_len - len(self.prompt_ids))
+        self.generator = torch.Generator().manual_seed(self.params.seed) if self.params.seed is not None else None
+        self._detokenizer = IncrementalDetokenizer(tokenizer)
+        self._stops = StopStringMatcher(self.params.stop)
+        self.arrived = time.perf_counter()
+        self.scheduled: float | None = None
+        self.first_token: float | None = None
+
+    @property
+    def all_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def history(self) -> torch.Tensor:
+        """Prompt and output ids, for the repetition penalty."""
+        return torch.tensor(self.all_ids, dtype=torch.long)
+
+    def mark_scheduled(self) -> None:
+        if self.scheduled is None:
+            self.scheduled = time.perf_counter()
+
+    def append(self, sample: SampleOutput) -> EngineOutput:
+        """Record one sampled token and say what is new, finishing the sequence when a rule says so."""
+        now = time.perf_counter()
+        if self.first_token is None:
+            self.first_token = now
+        token = sample.token_id
+        self.output_ids.append(token)
+        finish = None
+        if not self.params.ignore_eos and token in self.params.stop_token_ids:
+            finish = "eos"
+        text, stopped = self._stops.push(self._detokenizer.push([token]))
+        if stopped:
+            finish = "stop_string"
+        elif finish is None and len(self.output_ids) >= self.max_new_tokens:
+            finish = "length"
+        if finish in ("eos", "length"):
+            tail, stopped = self._stops.push(self._detokenizer.flush())
+            text += tail
+            if stopped:
+                finish = "stop_string"
+            else:
+                text += self._stops.flush()
+        output = EngineOutput(
+            request_id=self.request_id,
+            token_ids=[token],
+            text=text,
+            logprobs=[sample] if self.params.top_logprobs else [],
+            finish_reason=finish,
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+        )
+        if finish is not None:
+            self.status = Status.FINISHED
+            self._fill_timings(output, now)
+        return output
+
+    def fail(self, message: str) -> EngineOutput:
+        self.status = Status.FINISHED
+        output = EngineOutput(self.request_id, [], "", error=message, prompt_tokens=len(self.prompt_ids))
+        self._fill_timings(output, time.perf_counter())
+        return output
+
+    def _fill_timings(self, output: EngineOutput, now: float) -> None:
+        scheduled = self.scheduled or now
+        first = self.first_token or now
+        output.queued_s = scheduled - self.arrived
+        output.prefill_s = first - scheduled
+        output.decode_s = now - first

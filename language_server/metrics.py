@@ -1,0 +1,22 @@
+"""Prometheus metrics of a language server."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_MS = (0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)
+
+REQUESTS = Counter("dvd_requests_total", "Generation requests by outcome", ["outcome"])
+PROMPT_TOKENS = Counter("dvd_prompt_tokens_total", "Prompt tokens of finished requests")
+COMPLETION_TOKENS = Counter("dvd_completion_tokens_total", "Generated tokens")
+TTFT_S = Histogram("dvd_time_to_first_token_seconds", "Arrival to first generated token", buckets=_S)
+TPOT_S = Histogram(
+    "dvd_time_per_output_token_seconds", "Mean time between output tokens of a request",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
+)
+E2E_S = Histogram("dvd_e2e_latency_seconds", "Arrival to final message", buckets=_S)
+VISION_WAIT_S = Histogram("dvd_vision_wait_seconds", "Time a request waited for all its features", buckets=_S)
+TRANSFER_MS = Histogram("dvd_transfer_ms", "Feature transfer time per job (send to receipt)", buckets=_MS)
+TRANSFER_BYTES = Counter("dvd_transfer_bytes_total", "Feature payload bytes received")
+RUNNING = Gauge("dvd_running_requests", "Requests being generated")
+WAITING = Gauge("dvd_waiting_requests", "Requests queued in the engine")
+IN_FLIGHT = Gauge("dvd_requests_in_flight", "Requests admitted by the API (any stage)")

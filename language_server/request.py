@@ -1,0 +1,143 @@
+"""Generation requests as domain objects, validated on the way in from protobuf."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from language_server.engine.sampling import SamplingParams
+from pipeline.config import DvDConfig
+from pipeline.errors import InvalidRequest
+from proto.dvd.v1 import generate_pb2 as pb
+
+Role = Literal["system", "user", "assistant"]
+_ROLES: dict[int, Role] = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+
+
+@dataclass(frozen=True)
+class TextPart:
+    text: str
+
+
+@dataclass(frozen=True)
+class ImagePart:
+    data: bytes
+    max_tiles: int
+
+
+@dataclass(frozen=True)
+class VideoPart:
+    data: bytes
+    num_segments: int
+    max_tiles_per_frame: int
+    start_s: float | None = None
+    end_s: float | None = None
+
+
+Part = TextPart | ImagePart | VideoPart
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: Role
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated chat request."""
+
+    request_id: str
+    messages: tuple[ChatMessage, ...]
+    sampling: SamplingParams
+
+    @property
+    def media(self) -> list[ImagePart | VideoPart]:
+        """Images and videos in prompt order."""
+        return [p for m in self.messages for p in m.parts if isinstance(p, (ImagePart, VideoPart))]
+
+    @classmethod
+    def from_pb(cls, request: pb.GenerateRequest, config: DvDConfig) -> GenerationRequest:
+        """Validate a GenerateRequest against the server's limits; InvalidRequest names the problem."""
+        limits = config.language
+        if not request.messages:
+            raise InvalidRequest("messages is empty: send at least one user message")
+        messages = tuple(_message(m, i, config) for i, m in enumerate(request.messages))
+        for i, message in enumerate(messages):
+            if message.role == "system" and i != 0:
+                raise InvalidRequest(f"messages[{i}]: a system message may only come first")
+        if messages[-1].role != "user":
+            raise InvalidRequest("the last message must come from the user")
+        media = [p for m in messages for p in m.parts if not isinstance(p, TextPart)]
+        if len(media) > limits.max_images_per_request:
+            raise InvalidRequest(
+                f"{len(media)} images or videos exceed the limit of {limits.max_images_per_request} per request"
+            )
+        sampling = _sampling(request.sampling, config)
+        return cls(request_id=request.request_id or uuid.uuid4().hex, messages=messages, sampling=sampling)
+
+
+def _message(message: pb.Message, index: int, config: DvDConfig) -> ChatMessage:
+    where = f"messages[{index}]"
+    role = _ROLES.get(message.role)
+    if role is None:
+        raise InvalidRequest(f"{where}.role is not set (use ROLE_SYSTEM, ROLE_USER or ROLE_ASSISTANT)")
+    if not message.content:
+        raise InvalidRequest(f"{where} has no content")
+    parts = tuple(_part(p, f"{where}.content[{j}]", role, config) for j, p in enumerate(message.content))
+    return ChatMessage(role=role, parts=parts)
+
+
+def _part(part: pb.ContentPart, where: str, role: Role, config: DvDConfig) -> Part:
+    kind = part.WhichOneof("part")
+    limits = config.images
+    if kind == "text":
+        return TextPart(part.text)
+    if kind is None:
+        raise InvalidRequest(f"{where} is empty: set text, image or video")
+    if role != "user":
+        raise InvalidRequest(f"{where}: only user messages may carry images or videos")
+    media = part.image if kind == "image" else part.video
+    if not media.data:
+        raise InvalidRequest(f"{where}: {kind} data is empty")
+    if len(media.data) > limits.max_image_bytes:
+        raise InvalidRequest(f"{where}: {kind} is {len(media.data)} bytes, over the limit of {limits.max_image_bytes}")
+    if kind == "image":
+        max_tiles = media.max_tiles or limits.max_tiles
+        if not limits.min_tiles <= max_tiles <= limits.max_tiles:
+            raise InvalidRequest(f"{where}: max_tiles must be in {limits.min_tiles}..{limits.max_tiles}, got {max_tiles}")
+        return ImagePart(data=media.data, max_tiles=max_tiles)
+    video = part.video
+    if video.HasField("start_s") and video.HasField("end_s") and video.end_s <= video.start_s:
+        raise InvalidRequest(f"{where}: end_s ({video.end_s}) must be after start_s ({video.start_s})")
+    return VideoPart(
+        data=video.data,
+        num_segments=video.num_segments or 8,
+        max_tiles_per_frame=video.max_tiles_per_frame or 1,
+        start_s=video.start_s if video.HasField("start_s") else None,
+        end_s=video.end_s if video.HasField("end_s") else None,
+    )
+
+
+def _sampling(sampling: pb.SamplingParameters, config: DvDConfig) -> SamplingParams:
+    limits = config.language
+    max_new = sampling.max_new_tokens if sampling.HasField("max_new_tokens") else limits.default_max_new_tokens
+    if max_new > limits.max_new_tokens_limit:
+        raise InvalidRequest(f"max_new_tokens {max_new} exceeds the server limit {limits.max_new_tokens_limit}")
+    params = SamplingParams(
+        max_new_tokens=max_new,
+        temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,
+        top_p=sampling.top_p if sampling.HasField("top_p") else 1.0,
+        top_k=sampling.top_k if sampling.HasField("top_k") else 0,
+        repetition_penalty=sampling.repetition_penalty if sampling.HasField("repetition_penalty") else 1.0,
+        seed=sampling.seed if sampling.HasField("seed") else None,
+        stop=tuple(sampling.stop),
+        ignore_eos=sampling.ignore_eos,
+        top_logprobs=sampling.top_logprobs,
+    )
+    try:
+        params.validate()
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return params

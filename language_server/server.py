@@ -1,0 +1,99 @@
+"""The language server process: LLM, engine thread, vision client and the gRPC API."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import grpc
+import torch
+from transformers import AutoTokenizer
+
+from language_server import metrics
+from language_server.api import GenerationService
+from language_server.engine.async_engine import AsyncEngine
+from language_server.engine.engine import Engine
+from language_server.model import LanguageModel
+from language_server.prompt import PromptBuilder
+from language_server.vision_client import VisionClient
+from pipeline.checkpoint import Checkpoint, CheckpointError, open_model
+from pipeline.config import DvDConfig
+from pipeline.grpc_server import (
+    NOT_SERVING,
+    SERVING,
+    ApiKeyInterceptor,
+    AsyncAdminService,
+    ErrorInterceptor,
+    add_health_and_reflection,
+    server_info,
+    server_options,
+)
+from proto.dvd.v1 import admin_pb2_grpc, generate_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+def stop_token_ids(checkpoint: Checkpoint, tokenizer) -> tuple[int, ...]:
+    """End-of-turn ids: <|im_end|>, the tokenizer's eos and generation_config's eos ids."""
+    ids = {tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id}
+    generation_config = checkpoint.path / "generation_config.json"
+    if generation_config.exists():
+        eos = json.loads(generation_config.read_text()).get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos])
+    return tuple(sorted(i for i in ids if isinstance(i, int)))
+
+
+def load_tokenizer(checkpoint: Checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint.path)
+    context_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    if context_id != checkpoint.internvl_config.image_token_id:
+        raise CheckpointError(
+            f"{checkpoint.path}: tokenizer's <IMG_CONTEXT> is {context_id}, "
+            f"config's image token id is {checkpoint.internvl_config.image_token_id}"
+        )
+    return tokenizer
+
+
+async def serve(config: DvDConfig, stop: asyncio.Event) -> None:
+    """Load the LLM, start the engine and the API, and serve until `stop` is set."""
+    lc = config.language
+    checkpoint = open_model(config.model.path, config.model.format)
+    model, loaded = LanguageModel.from_checkpoint(checkpoint, lc.device, getattr(torch, lc.dtype))
+    tokenizer = load_tokenizer(checkpoint)
+    engine = Engine(model, tokenizer, lc.max_model_len)
+    engine.start()
+    metrics.RUNNING.set_function(lambda: engine.num_running)
+    metrics.WAITING.set_function(lambda: engine.num_waiting)
+    vision = VisionClient(config, model.hidden_size)
+
+    interceptors = [ErrorInterceptor()]
+    if lc.api_key:
+        interceptors.insert(0, ApiKeyInterceptor(lc.api_key))
+    server = grpc.aio.server(interceptors=interceptors, options=server_options(lc.max_request_bytes))
+    service = GenerationService(
+        config,
+        checkpoint,
+        AsyncEngine(engine),
+        vision,
+        PromptBuilder(tokenizer, lc.system_prompt),
+        stop_token_ids(checkpoint, tokenizer),
+    )
+    generate_pb2_grpc.add_GenerationServicer_to_server(service, server)
+    info = server_info("language", checkpoint, lc.dtype, lc.device, loaded, [model])
+    admin_pb2_grpc.add_AdminServicer_to_server(AsyncAdminService(info), server)
+    health = add_health_and_reflection(server, ["dvd.v1.Generation", "dvd.v1.Admin"], aio=True)
+    address = f"{lc.host}:{lc.grpc_port}"
+    if not server.add_insecure_port(address):
+        raise RuntimeError(f"cannot bind the gRPC API to {address}")
+    await server.start()
+    await health.set("", SERVING)
+    await health.set("dvd.v1.Generation", SERVING)
+    log.info("language server ready", extra={"address": address, "features": vision.receiver.address})
+    try:
+        await stop.wait()
+    finally:
+        await health.set("", NOT_SERVING)
+        await server.stop(grace=5.0)
+        engine.stop()
+        vision.close()

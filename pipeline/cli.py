@@ -1,0 +1,173 @@
+"""The `dvd` command (also `python -m pipeline`): serve, chat, info, tiny."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from pipeline.config import ConfigError, parse_override
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dvd", description="Decoupled vision-language serving for InternVL.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="start both servers from a YAML deployment file")
+    serve.add_argument("--config", default="configs/tiny.yaml")
+    serve.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    serve.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the servers to be healthy")
+
+    chat = commands.add_parser("chat", help="ask a running server; the answer streams to stdout")
+    chat.add_argument("prompt", help="the question")
+    chat.add_argument("--address", default="127.0.0.1:50051")
+    chat.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    chat.add_argument("--video", action="append", default=[], help="video file (repeatable)")
+    chat.add_argument("--system", default="", help="system prompt")
+    chat.add_argument("--max-new-tokens", type=int, default=None)
+    chat.add_argument("--temperature", type=float, default=None)
+    chat.add_argument("--top-p", type=float, default=None)
+    chat.add_argument("--top-k", type=int, default=None)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--stop", action="append", default=[])
+    chat.add_argument("--api-key", default="")
+    chat.add_argument("--timings", action="store_true", help="print usage and stage timings to stderr")
+
+    info = commands.add_parser("info", help="describe the model a server is serving")
+    info.add_argument("--address", default="127.0.0.1:50051")
+    info.add_argument("--api-key", default="")
+
+    commands.add_parser("tiny", help="generate the tiny default model (both formats) and print its location")
+
+    args = parser.parse_args(argv)
+    try:
+        return {"serve": _serve, "chat": _chat, "info": _info, "tiny": _tiny}[args.command](args)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pipeline.launch import Deployment, LaunchError
+
+    deployment = Deployment(args.config, dict(parse_override(s) for s in args.set))
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"dvd: starting {', '.join(s.name for s in deployment.servers)} from {args.config} ...", flush=True)
+    try:
+        deployment.start(timeout_s=args.timeout)
+    except LaunchError as exc:
+        print(f"dvd: start-up failed: {exc}", file=sys.stderr)
+        return 1
+    print(_ready_message(deployment), flush=True)
+    try:
+        while not stop.wait(0.5):
+            failed = deployment.failed()
+            if failed is not None:
+                print(f"dvd: {failed.name} exited with code {failed.process.returncode}; stopping", file=sys.stderr)
+                return 1
+    finally:
+        print("dvd: stopping servers ...", flush=True)
+        deployment.stop()
+        print("dvd: stopped", flush=True)
+    return 0
+
+
+def _ready_message(deployment) -> str:
+    config = deployment.config
+    sample = _sample_image()
+    python = Path(sys.executable)
+    try:
+        python = python.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    lines = [
+        f"dvd: ready - model {config.model.name or config.model.path} ({config.mode})",
+        f"  gRPC API      {deployment.address}  (dvd.v1.Generation; health and reflection on)",
+    ]
+    if config.mode == "decoupled":
+        lines.append(f"  vision server {config.vision.host}:{config.vision.job_port}")
+    if config.language.metrics_port:
+        lines.append(f"  metrics       http://{config.language.host}:{config.language.metrics_port}/metrics")
+    lines += [
+        "",
+        "Try, in another terminal:",
+        f'  {python} -m pipeline chat --address {deployment.address} --image {sample} "What is in this image?"',
+        "",
+        "Ctrl-C stops both servers.",
+    ]
+    return "\n".join(lines)
+
+
+def _sample_image() -> Path:
+    """A photo to try the servers with, written once into the cache."""
+    from pipeline.tiny_model import cache_root
+
+    path = cache_root() / "samples" / "astronaut.jpg"
+    if not path.exists():
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            from skimage import data
+
+            picture = Image.fromarray(data.astronaut())
+        except ImportError:
+            picture = Image.linear_gradient("L").convert("RGB").resize((640, 480))
+        picture.save(path, quality=90)
+    return path
+
+
+def _chat(args: argparse.Namespace) -> int:
+    import grpc
+
+    from pipeline.client import DvDClient, image, message, sampling, video
+
+    parts = [image(p) for p in args.image] + [video(p) for p in args.video] + [args.prompt]
+    messages = ([message("system", args.system)] if args.system else []) + [message("user", *parts)]
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "top_k": args.top_k,
+        "seed": args.seed,
+    }
+    params = sampling(**{k: v for k, v in options.items() if v is not None}, stop=args.stop)
+    try:
+        with DvDClient(args.address, api_key=args.api_key) as client:
+            for event in client.stream(messages, params):
+                if event.HasField("delta"):
+                    sys.stdout.write(event.delta.text)
+                    sys.stdout.flush()
+                else:
+                    result = event.result
+                    print()
+                    if args.timings:
+                        print(f"[{result.usage}]\n[{result.timings}]", file=sys.stderr)
+    except grpc.RpcError as exc:
+        print(f"\nerror: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from pipeline.client import DvDClient
+
+    with DvDClient(args.address, api_key=args.api_key) as client:
+        print(client.model_info())
+    return 0
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    from pipeline.tiny_model import tiny_model_dir
+
+    print(tiny_model_dir("hf"))
+    print(tiny_model_dir("original"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

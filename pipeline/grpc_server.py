@@ -1,0 +1,158 @@
+"""gRPC plumbing shared by the servers: the error interceptor, API keys, health, reflection."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from typing import Any, Awaitable, Callable
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from pipeline.errors import DvDError
+from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Turns exceptions escaping a handler into status codes: DvDError -> its code, others -> INTERNAL."""
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                _guard_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            behavior = handler.unary_stream
+            guard = _guard_stream if inspect.isasyncgenfunction(behavior) else _guard_unary
+            return grpc.unary_stream_rpc_method_handler(
+                guard(behavior, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """Rejects calls without "authorization: Bearer <key>" (health and reflection stay open)."""
+
+    def __init__(self, api_key: str) -> None:
+        self._expected = f"Bearer {api_key}"
+
+    async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        if details.method.startswith(_OPEN_METHODS):
+            return await continuation(details)
+        metadata = dict(details.invocation_metadata or ())
+        if metadata.get("authorization") == self._expected:
+            return await continuation(details)
+        handler = await continuation(details)
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, "missing or wrong API key")
+
+        if handler is not None and handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+def _status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, DvDError):
+        return exc.code, str(exc)
+    log.error("unhandled error in %s", method, exc_info=exc)
+    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}"
+
+
+def _guard_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await behavior(request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - every error becomes a status code
+            await context.abort(*_status_for(exc, method))
+
+    return guarded
+
+
+def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for response in behavior(request, context):
+                yield response
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            await context.abort(*_status_for(exc, method))
+
+    return guarded
+
+
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+
+
+def add_health_and_reflection(server: Any, service_names: list[str], aio: bool) -> Any:
+    """Register the standard health service (NOT_SERVING until set) and server reflection."""
+    servicer = health.aio.HealthServicer() if aio else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    return servicer
+
+
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    """Answers GetServerInfo with facts fixed at start-up."""
+
+    def __init__(self, info: admin_pb2.ServerInfo) -> None:
+        self._info = info
+
+    def GetServerInfo(self, request: admin_pb2.GetServerInfoRequest, context: Any) -> admin_pb2.ServerInfo:
+        return self._info
+
+
+class AsyncAdminService(AdminService):
+    """AdminService for grpc.aio servers."""
+
+    async def GetServerInfo(self, request: admin_pb2.GetServerInfoRequest, context: Any) -> admin_pb2.ServerInfo:
+        return self._info
+
+
+def server_info(role: str, checkpoint: Any, dtype: str, device: str, loaded: list[str], modules: list[Any]) -> Any:
+    """Build the ServerInfo of this process."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        package_version = version("dvd-serve")
+    except PackageNotFoundError:
+        package_version = "dev"
+    param_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+    return admin_pb2.ServerInfo(
+        role=role,
+        model_path=str(checkpoint.path),
+        checkpoint_format=checkpoint.format,
+        dtype=dtype,
+        device=device,
+        loaded_tensors=sorted(loaded),
+        parameter_bytes=param_bytes,
+        pid=os.getpid(),
+        version=package_version,
+    )

@@ -1,0 +1,169 @@
+"""Start every server of one deployment file, wait until each reports healthy, stop them cleanly."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from pipeline.config import DvDConfig, load_config
+from pipeline.process import die_with_parent
+
+HEALTH_ATTEMPT_S = 1.0
+
+
+class LaunchError(RuntimeError):
+    """A server failed to start or to become healthy."""
+
+
+@dataclass
+class ServerProcess:
+    """One child process and where its health service answers."""
+
+    name: str
+    argv: list[str]
+    health_address: str
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+    _log_file: IO[bytes] | None = field(default=None, repr=False)
+
+    def start(self, env: dict[str, str]) -> None:
+        output: Any = None
+        if self.log_path is not None:
+            self._log_file = open(self.log_path, "wb")
+            output = self._log_file
+        self.process = subprocess.Popen(
+            self.argv, env=env, stdout=output, stderr=output, preexec_fn=die_with_parent
+        )
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_tail(self, lines: int = 30) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def stop(self, timeout_s: float) -> None:
+        if self.alive:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout_s)
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+
+def wait_healthy(address: str, timeout_s: float, is_alive=lambda: True) -> None:
+    """Block until the gRPC health service at `address` reports SERVING (or raise LaunchError)."""
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if not is_alive():
+                raise LaunchError(f"the server for {address} exited during start-up")
+            try:
+                for reply in stub.Watch(
+                    health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_ATTEMPT_S, wait_for_ready=True
+                ):
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as exc:
+                if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
+                    raise LaunchError(f"health check of {address} failed: {exc.details()}") from None
+    raise LaunchError(f"{address} did not become healthy within {timeout_s:g} s")
+
+
+class Deployment:
+    """The servers of one deployment file, as child processes of this one."""
+
+    def __init__(
+        self,
+        config_path: str | os.PathLike[str],
+        overrides: dict[str, Any] | None = None,
+        log_dir: str | os.PathLike[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.config_path = str(config_path)
+        self.overrides = dict(overrides or {})
+        self.config: DvDConfig = load_config(self.config_path, self.overrides)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.env = {**os.environ, **(env or {})}
+        self.servers = self._plan()
+
+    @property
+    def address(self) -> str:
+        """The public gRPC address."""
+        return f"{self.config.language.host}:{self.config.language.grpc_port}"
+
+    def _plan(self) -> list[ServerProcess]:
+        settings = [f"--set={key}={_yaml(value)}" for key, value in self.overrides.items()]
+        common = ["--config", self.config_path, *settings]
+        vc, lc = self.config.vision, self.config.language
+        servers = []
+        if self.config.mode == "decoupled" and not lc.vision_servers:
+            servers.append(
+                ServerProcess("vision-0", [sys.executable, "-m", "vision_server", *common], f"{vc.host}:{vc.grpc_port}")
+            )
+        servers.append(ServerProcess("language", [sys.executable, "-m", "language_server", *common], self.address))
+        if self.log_dir is not None:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            for server in servers:
+                server.log_path = self.log_dir / f"{server.name}.log"
+        return servers
+
+    def start(self, timeout_s: float = 300.0) -> Deployment:
+        """Start all servers and wait until every one is healthy; on failure stop them all."""
+        if self.config.model.path == "tiny":
+            from pipeline.tiny_model import tiny_model_dir
+
+            tiny_model_dir("original" if self.config.model.format == "original" else "hf")
+        try:
+            for server in self.servers:
+                server.start(self.env)
+            deadline = time.monotonic() + timeout_s
+            for server in self.servers:
+                try:
+                    wait_healthy(server.health_address, deadline - time.monotonic(), lambda s=server: s.alive)
+                except LaunchError as exc:
+                    raise LaunchError(f"{server.name}: {exc}\n{server.log_tail()}") from None
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """SIGTERM every server, then SIGKILL whatever is left after the timeout."""
+        for server in reversed(self.servers):
+            if server.alive:
+                server.process.send_signal(signal.SIGTERM)
+        for server in reversed(self.servers):
+            server.stop(timeout_s)
+
+    def failed(self) -> ServerProcess | None:
+        """A server that has exited, if any."""
+        return next((s for s in self.servers if s.process is not None and not s.alive), None)
+
+    def __enter__(self) -> Deployment:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _yaml(value: Any) -> str:
+    import yaml
+
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
