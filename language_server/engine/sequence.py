@@ -60,7 +60,7 @@ class Sequence:
         self.output_ids: list[int] = []
         self.status = Status.WAITING
         self.max_new_tokens = min(self.params.max_new_tokens, max_model_len - len(self.prompt_ids))
-        self.generator = torch.Generator().manual_seed(self.params.seed) if self.params.seed is not None else None
+        self.generator = self.params.make_generator()
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = StopStringMatcher(self.params.stop)
         self.arrived = time.perf_counter()

@@ -1,0 +1,105 @@
+"""Shared fixtures: real photos, free ports, real server deployments, the transformers reference."""
+
+from __future__ import annotations
+
+import io
+import socket
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+
+def free_ports(count: int) -> list[int]:
+    """Ports the OS considers free right now (bound and released together, so they differ)."""
+    sockets = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            sockets.append(sock)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def port_overrides() -> dict[str, Any]:
+    """Config overrides that move every endpoint of a deployment to free ports."""
+    ports = free_ports(6)
+    return {
+        "vision.job_port": ports[0],
+        "vision.grpc_port": ports[1],
+        "vision.metrics_port": ports[2],
+        "language.grpc_port": ports[3],
+        "language.feature_port": ports[4],
+        "language.metrics_port": ports[5],
+    }
+
+
+def photo_bytes(name: str, fmt: str = "JPEG") -> bytes:
+    """A real photo from skimage.data, encoded."""
+    from PIL import Image
+    from skimage import data
+
+    buffer = io.BytesIO()
+    Image.fromarray(getattr(data, name)()).convert("RGB").save(buffer, fmt, quality=92)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="session")
+def tiny_dirs() -> dict[str, Path]:
+    from pipeline.tiny_model import tiny_model_dir
+
+    return {"hf": tiny_model_dir("hf"), "original": tiny_model_dir("original")}
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dirs):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dirs["hf"])
+
+
+@pytest.fixture(scope="session")
+def start_deployment(tmp_path_factory, tiny_dirs) -> Iterator[Callable[..., Any]]:
+    """Factory: start real servers from configs/tiny.yaml plus overrides; all are stopped at session end."""
+    from pipeline.launch import Deployment
+
+    started: list[Deployment] = []
+
+    def start(overrides: dict[str, Any] | None = None, name: str = "deployment") -> Deployment:
+        log_dir = tmp_path_factory.mktemp(name)
+        deployment = Deployment(TINY_CONFIG, {**port_overrides(), **(overrides or {})}, log_dir=log_dir)
+        deployment.start(timeout_s=180)
+        started.append(deployment)
+        return deployment
+
+    yield start
+    for deployment in started:
+        deployment.stop()
+
+
+@pytest.fixture(scope="session")
+def fp32_deployment(start_deployment):
+    """Both servers in float32 on the tiny model (HF-native format)."""
+    return start_deployment({"vision.dtype": "float32", "language.dtype": "float32"}, name="fp32")
+
+
+@pytest.fixture
+def client_for() -> Iterator[Callable[..., Any]]:
+    from pipeline.client import DvDClient
+
+    clients = []
+
+    def make(deployment, **kwargs) -> DvDClient:
+        client = DvDClient(deployment.address, timeout_s=120, **kwargs)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()
