@@ -247,7 +247,7 @@ def encode_features(header: FeatureHeader, tensor: torch.Tensor | None) -> tuple
     if tensor.dim() != 2 or tensor.dtype not in _DTYPE_CODES:
         raise WireError(f"features must be a 2-D bf16/fp16/fp32 tensor, got {tuple(tensor.shape)} {tensor.dtype}")
     tensor = tensor.detach().to("cpu").contiguous()
-    payload = tensor.view(torch.uint8).numpy().data  # a view of the tensor's storage
+    payload = tensor.view(torch.uint8).reshape(-1).numpy().data  # a flat view of the tensor's storage
     full = replace(header, dtype=tensor.dtype, shape=tuple(tensor.shape), payload_bytes=payload.nbytes)
     validate_header(full)
     return full.to_pb().SerializeToString(), payload
@@ -294,9 +294,10 @@ def decode_features(
     if not header.ok:
         return Features(header=header, tensor=None, received_unix_s=time.time())
     validate_header(header, hidden_size)
-    if len(payload) != header.payload_bytes:
+    payload = memoryview(payload).cast("B")
+    if payload.nbytes != header.payload_bytes:
         raise WireError(
-            f"features for job {header.job_id!r}: payload is {len(payload)} bytes, header says {header.payload_bytes}"
+            f"features for job {header.job_id!r}: payload is {payload.nbytes} bytes, header says {header.payload_bytes}"
         )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only transport buffers are never written

@@ -103,9 +103,13 @@ def test_bf16_prefill_logits_match_transformers(case, bf16_deployment, client_fo
     top = result.logprobs[0].top
     ids = torch.tensor([t.token_id for t in top])
     got = torch.tensor([t.logprob for t in top])
-    # Same 20 best tokens, log-probabilities equal to well under bf16 resolution at these magnitudes (~0.1).
-    assert ids.tolist() == expected.topk(20).indices.tolist()
-    torch.testing.assert_close(got, expected[ids], atol=0.02, rtol=0.0)
+    # Log-probabilities equal to well under bf16 resolution at these magnitudes (~0.1), and no token
+    # the server left out of its top 20 is more likely than its 20th.
+    tolerance = 0.02
+    torch.testing.assert_close(got, expected[ids], atol=tolerance, rtol=0.0)
+    left_out = torch.ones_like(expected, dtype=torch.bool)
+    left_out[ids] = False
+    assert expected[left_out].max() <= got.min() + tolerance
 
 
 _BF16: dict[str, Reference] = {}

@@ -1,0 +1,86 @@
+"""`make serve`'s launcher: starts both servers, prints a working client command, and Ctrl-C leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import queue
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+
+import grpc
+
+from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
+from tests.conftest import ROOT, TINY_CONFIG, port_overrides
+
+START_TIMEOUT_S = 180
+
+
+def _lines(stream) -> queue.Queue:
+    lines: queue.Queue = queue.Queue()
+
+    def pump() -> None:
+        for line in stream:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    return lines
+
+
+def _read_until(lines: queue.Queue, marker: str) -> list[str]:
+    seen = []
+    while True:
+        line = lines.get(timeout=START_TIMEOUT_S)
+        assert line is not None, "launcher exited early:\n" + "".join(seen)
+        seen.append(line)
+        if marker in line:
+            return seen
+
+
+def _pid_of(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return admin_pb2_grpc.AdminStub(channel).GetServerInfo(admin_pb2.GetServerInfoRequest(), timeout=30).pid
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().split()[2] != "Z"
+
+
+def test_serve_prints_a_working_client_command_and_ctrl_c_stops_everything():
+    overrides = port_overrides()
+    settings = [f"--set={k}={v}" for k, v in overrides.items()]
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", "serve", "--config", str(TINY_CONFIG), *settings],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        lines = _lines(launcher.stdout)
+        output = _read_until(lines, "Ctrl-C stops both servers")
+        command = next(line.strip() for line in output if " chat " in line)
+        chat = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert chat.returncode == 0, chat.stderr
+        assert chat.stdout.strip(), "the client streamed no answer"
+
+        pids = [
+            _pid_of(f"127.0.0.1:{overrides['vision.grpc_port']}"),
+            _pid_of(f"127.0.0.1:{overrides['language.grpc_port']}"),
+        ]
+        assert all(_running(pid) for pid in pids)
+        launcher.send_signal(signal.SIGINT)
+        assert launcher.wait(timeout=60) == 0
+        assert not any(_running(pid) for pid in pids)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)

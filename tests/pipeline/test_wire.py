@@ -1,0 +1,94 @@
+"""Invariant 3: features travel as protobuf header + raw payload, and every frame is validated."""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pipeline.wire import (
+    FeatureHeader,
+    JobStatus,
+    VisionJob,
+    WireError,
+    decode_features,
+    decode_header,
+    encode_features,
+    error_header,
+)
+
+
+def _encode(tensor: torch.Tensor, tiles: tuple[int, ...]) -> tuple[bytes, memoryview]:
+    return encode_features(FeatureHeader(job_id="j1", request_id="r1", tile_tokens=tiles), tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_round_trip_is_bit_exact(dtype):
+    tensor = torch.randn(512, 64).to(dtype)
+    frame, payload = _encode(tensor, (256, 256))
+    assert payload.nbytes == tensor.numel() * tensor.element_size()
+    features = decode_features(decode_header(frame), payload, hidden_size=64)
+    assert features.tensor.dtype == dtype
+    assert torch.equal(features.tensor, tensor)
+
+
+def test_payload_is_raw_bytes_not_pickle():
+    tensor = torch.arange(8, dtype=torch.float32).reshape(4, 2)
+    frame, payload = _encode(tensor, (4,))
+    assert bytes(payload) == tensor.numpy().tobytes()
+    with pytest.raises(Exception):
+        pickle.loads(frame)
+
+
+def test_job_round_trip():
+    job = VisionJob(job_id="j", request_id="r", kind="image", data=b"\x89PNG", reply_to="tcp://127.0.0.1:1",
+                    max_tiles=6, start_s=None, vir_mode="all_64")
+    assert VisionJob.decode(job.encode()) == job
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda h: replace(h, dtype=None), "unknown dtype"),
+        (lambda h: replace(h, shape=(4,)), "shape must be [rows, hidden]"),
+        (lambda h: replace(h, payload_bytes=h.payload_bytes + 2), "payload_bytes"),
+        (lambda h: replace(h, tile_tokens=(3,)), "tile token counts sum to 3, payload has 4 rows"),
+        (lambda h: replace(h, tile_tokens=(4, 0)), "must be positive"),
+        (lambda h: replace(h, frame_tiles=(2,)), "frame tile counts sum to 2"),
+    ],
+)
+def test_inconsistent_headers_are_rejected(mutate, message):
+    tensor = torch.zeros(4, 2)
+    frame, payload = _encode(tensor, (4,))
+    header = mutate(decode_header(frame))
+    with pytest.raises(WireError) as info:
+        decode_features(header, payload)
+    assert message in str(info.value)
+
+
+def test_payload_length_and_hidden_size_are_checked():
+    frame, payload = _encode(torch.zeros(4, 2), (4,))
+    header = decode_header(frame)
+    with pytest.raises(WireError, match="payload is 30 bytes"):
+        decode_features(header, payload[:30])
+    with pytest.raises(WireError, match="hidden size 2 does not match the model's 64"):
+        decode_features(header, payload, hidden_size=64)
+
+
+def test_undecodable_and_incomplete_headers():
+    with pytest.raises(WireError, match="undecodable"):
+        decode_header(b"\xff\xff\xff\xff")
+    with pytest.raises(WireError, match="without job_id"):
+        decode_header(b"")
+    with pytest.raises(WireError):
+        VisionJob.decode(b"\x08\x63")
+
+
+def test_error_headers_carry_no_payload():
+    header = error_header("j", "r", JobStatus.INVALID_INPUT, "image too small")
+    frame, payload = encode_features(header, None)
+    decoded = decode_features(decode_header(frame), payload)
+    assert decoded.tensor is None and decoded.header.error_message == "image too small"
+    assert JobStatus.name(decoded.header.status) == "invalid_input"
