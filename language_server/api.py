@@ -19,7 +19,7 @@ from language_server.request import GenerationRequest, ImagePart, VideoPart
 from language_server.vision_client import VisionClient, new_job_id
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
-from pipeline.errors import DeadlineExceeded, InternalError, InvalidRequest, ResourceExhausted
+from pipeline.errors import DeadlineExceeded, DvDError, InternalError, InvalidRequest, ResourceExhausted
 from pipeline.wire import Features, VisionJob
 from proto.dvd.v1 import generate_pb2 as pb
 from proto.dvd.v1 import generate_pb2_grpc
@@ -89,8 +89,9 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         try:
             async with asyncio.timeout(self.config.language.request_timeout_s):
                 async for event in self._run(req, arrived):
+                    if event.HasField("result"):
+                        outcome = "ok"
                     yield event
-            outcome = "ok"
         except TimeoutError:
             outcome = "timeout"
             raise DeadlineExceeded(f"request exceeded {self.config.language.request_timeout_s:g} s") from None
@@ -124,8 +125,11 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         logprobs: list[pb.PositionLogprobs] = []
         first_token: float | None = None
         async for out in self.engine.generate(engine_request):
-            if out.error:
-                raise InternalError(out.error)
+            if out.error is not None:
+                if isinstance(out.error, DvDError):
+                    raise out.error
+                log.error("engine failed a request", exc_info=out.error, extra={"request_id": req.request_id})
+                raise InternalError(f"engine error: {type(out.error).__name__}: {out.error}")
             if first_token is None and out.token_ids:
                 first_token = time.perf_counter()
             delta = pb.TokenDelta(text=out.text, token_ids=out.token_ids, logprobs=_logprobs(out.logprobs))

@@ -48,11 +48,37 @@ class ImageLimits:
     max_image_bytes: int = 32 * 1024 * 1024
     max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before decoding
     min_image_side: int = 2  # pixels
+    max_tiles_per_request: int = 128  # all images and video frames of one request, thumbnails included
 
     def check(self) -> None:
-        _positive(self, "min_tiles", "max_tiles", "max_image_bytes", "max_image_pixels", "min_image_side")
+        _positive(
+            self, "min_tiles", "max_tiles", "max_image_bytes", "max_image_pixels", "min_image_side",
+            "max_tiles_per_request",
+        )
         if self.min_tiles > self.max_tiles:
             raise ValueError(f"min_tiles ({self.min_tiles}) exceeds max_tiles ({self.max_tiles})")
+
+
+@dataclass(frozen=True)
+class VideoLimits:
+    """Frame-sampling defaults and limits for videos."""
+
+    num_segments: int = 8  # frames sampled when a request does not say
+    max_segments: int = 64
+    tiles_per_frame: int = 1  # when a request does not say
+    max_tiles_per_frame: int = 4
+    max_video_bytes: int = 256 * 1024 * 1024
+    max_duration_s: float = 3600.0
+
+    def check(self) -> None:
+        _positive(
+            self, "num_segments", "max_segments", "tiles_per_frame", "max_tiles_per_frame", "max_video_bytes",
+            "max_duration_s",
+        )
+        if self.num_segments > self.max_segments:
+            raise ValueError(f"num_segments ({self.num_segments}) exceeds max_segments ({self.max_segments})")
+        if self.tiles_per_frame > self.max_tiles_per_frame:
+            raise ValueError("tiles_per_frame exceeds max_tiles_per_frame")
 
 
 @dataclass(frozen=True)
@@ -66,12 +92,24 @@ class VisionConfig:
     job_port: int = 5610  # jobs arrive here (ZMQ)
     grpc_port: int = 50061  # health checking and admin
     metrics_port: int = 9101  # Prometheus /metrics; 0 = off
-    max_batch_tiles: int = 64
+    replicas: int = 1  # vision server processes; replica i uses every port + i
+    devices: tuple[str, ...] = ()  # one device per replica; empty = `device` for all
+    max_batch_tiles: int = 64  # most tiles in one encoder forward
+    max_wait_ms: float = 5.0  # how long a batch may wait for more tiles
+    preprocess_workers: int = 2  # decode and tiling run in this many worker threads
+    max_queued_jobs: int = 256  # jobs waiting beyond this are answered RESOURCE_EXHAUSTED
+    vir_mode: Literal["router", "all_256", "all_64"] = "router"  # ViR on -Flash checkpoints
+    feature_cache_bytes: int = 256 * 1024 * 1024  # LRU cache of features by image bytes; 0 = off
 
     def check(self) -> None:
-        _positive(self, "max_batch_tiles")
+        _positive(self, "max_batch_tiles", "replicas", "preprocess_workers", "max_queued_jobs")
         _ports(self, "job_port", "grpc_port", "metrics_port")
-        _non_negative(self, "threads")
+        _non_negative(self, "threads", "max_wait_ms", "feature_cache_bytes")
+        if self.devices and len(self.devices) != self.replicas:
+            raise ValueError(f"devices lists {len(self.devices)} devices for {self.replicas} replicas")
+
+    def device_of(self, replica: int) -> str:
+        return self.devices[replica] if self.devices else self.device
 
 
 @dataclass(frozen=True)
@@ -96,8 +134,18 @@ class LanguageConfig:
     max_images_per_request: int = 16
     max_pending_requests: int = 256
     api_key: str = ""  # when set, clients must send "authorization: Bearer <key>"
+    max_num_seqs: int = 64  # sequences in one engine step
+    max_num_batched_tokens: int = 2048  # tokens in one engine step; longer prompts are prefilled in chunks
+    block_size: int = 16  # tokens per KV-cache block
+    num_kv_blocks: int = 0  # KV-cache blocks; 0 = size the pool from kv_cache_memory_fraction
+    kv_cache_memory_fraction: float = 0.2  # of free device memory (CPU: of available RAM) for the KV pool
+    attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"
 
     def check(self) -> None:
+        _positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory_fraction")
+        _non_negative(self, "num_kv_blocks")
+        if self.kv_cache_memory_fraction > 1:
+            raise ValueError(f"kv_cache_memory_fraction must be <= 1, got {self.kv_cache_memory_fraction}")
         _positive(
             self,
             "max_model_len",
@@ -140,6 +188,7 @@ class DvDConfig:
     mode: Literal["decoupled", "colocated"] = "decoupled"
     model: ModelConfig = field(default_factory=ModelConfig)
     images: ImageLimits = field(default_factory=ImageLimits)
+    video: VideoLimits = field(default_factory=VideoLimits)
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
@@ -152,7 +201,8 @@ class DvDConfig:
     @property
     def vision_endpoints(self) -> tuple[str, ...]:
         """The job endpoints the language server sends to."""
-        return self.language.vision_servers or (f"{self.vision.host}:{self.vision.job_port}",)
+        vc = self.vision
+        return self.language.vision_servers or tuple(f"{vc.host}:{vc.job_port + i}" for i in range(vc.replicas))
 
 
 def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None = None) -> DvDConfig:

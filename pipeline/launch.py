@@ -114,9 +114,9 @@ class Deployment:
         vc, lc = self.config.vision, self.config.language
         servers = []
         if self.config.mode == "decoupled" and not lc.vision_servers:
-            servers.append(
-                ServerProcess("vision-0", [sys.executable, "-m", "vision_server", *common], f"{vc.host}:{vc.grpc_port}")
-            )
+            for i in range(vc.replicas):
+                argv = [sys.executable, "-m", "vision_server", *common, "--replica", str(i)]
+                servers.append(ServerProcess(f"vision-{i}", argv, f"{vc.host}:{vc.grpc_port + i}"))
         servers.append(ServerProcess("language", [sys.executable, "-m", "language_server", *common], self.address))
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -44,7 +44,7 @@ class VisionServer:
         self.server_id = f"vision-{replica}@{vc.host}:{vc.job_port + replica}"
         self.checkpoint = open_model(config.model.path, config.model.format)
         dtype = getattr(torch, vc.dtype)
-        self.encoder, self.loaded_tensors = VisionEncoder.from_checkpoint(self.checkpoint, vc.device, dtype)
+        self.encoder, self.loaded_tensors = VisionEncoder.from_checkpoint(self.checkpoint, vc.device_of(replica), dtype)
         self.tokens_per_tile = self.checkpoint.tokens_per_tile
         self.jobs = PullChannel(f"tcp://{vc.host}:{vc.job_port + replica}")
         self.sender = create_backend(config.transport).sender()
@@ -55,7 +55,7 @@ class VisionServer:
         vc = self.config.vision
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
         info = server_info(
-            "vision", self.checkpoint, vc.dtype, vc.device, self.loaded_tensors, [self.encoder]
+            "vision", self.checkpoint, vc.dtype, vc.device_of(self.replica), self.loaded_tensors, [self.encoder]
         )
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(info), server)
         health = add_health_and_reflection(server, ["dvd.v1.Admin"], aio=False)

@@ -64,9 +64,8 @@ class Engine:
             try:
                 self._step()
             except Exception as exc:  # noqa: BLE001 - fail the sequence, keep serving
-                log.exception("engine step failed")
                 if self._current is not None:
-                    self._finish(self._current, self._current.fail(f"engine error: {type(exc).__name__}: {exc}"))
+                    self._finish(self._current, self._current.fail(exc))
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -98,6 +97,7 @@ class Engine:
             seq = self._current = self._waiting.popleft()
             seq.status = Status.RUNNING
             seq.mark_scheduled()
+            seq.run_prepare()
             logits = self.runner.prefill(seq)
         else:
             seq = self._current
@@ -118,5 +118,9 @@ class Engine:
 
     def _emit(self, seq: Sequence, output: EngineOutput) -> None:
         sink = self._sinks.get(seq.request_id)
-        if sink is not None:
+        if sink is None:
+            return
+        try:
             sink(output)
+        except RuntimeError:  # the receiving event loop is gone (shutdown)
+            self._sinks.pop(seq.request_id, None)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
+from typing import Callable
 
 import torch
 
@@ -12,14 +13,23 @@ from language_server.engine.detokenizer import IncrementalDetokenizer, StopStrin
 from language_server.engine.sampling import SampleOutput, SamplingParams
 
 
+Prepared = tuple[list[int], "torch.Tensor | None"]
+
+
 @dataclass
 class EngineRequest:
-    """What the API layer hands the engine."""
+    """What the API layer hands the engine.
+
+    `prepare`, when set, runs on the engine thread right before the request is first scheduled
+    and returns (prompt_ids, image_rows); it is how the colocated baseline runs vision inline.
+    An exception it raises fails only this request, with that exception as the error.
+    """
 
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
     image_rows: torch.Tensor | None = None  # features for the <IMG_CONTEXT> positions, in order
+    prepare: Callable[[], Prepared] | None = None
 
 
 @dataclass
@@ -31,7 +41,7 @@ class EngineOutput:
     text: str
     logprobs: list[SampleOutput] = field(default_factory=list)
     finish_reason: str | None = None  # "length", "eos", "stop_string"
-    error: str | None = None
+    error: Exception | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
     queued_s: float = 0.0  # engine arrival -> first scheduled
@@ -56,16 +66,29 @@ class Sequence:
         self.request = request
         self.request_id = request.request_id
         self.params = request.params
-        self.prompt_ids = list(request.prompt_ids)
+        self.max_model_len = max_model_len
+        self.image_rows = request.image_rows
         self.output_ids: list[int] = []
         self.status = Status.WAITING
-        self.max_new_tokens = min(self.params.max_new_tokens, max_model_len - len(self.prompt_ids))
+        self.set_prompt(request.prompt_ids, request.image_rows)
         self.generator = self.params.make_generator()
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = StopStringMatcher(self.params.stop)
         self.arrived = time.perf_counter()
         self.scheduled: float | None = None
         self.first_token: float | None = None
+
+    def set_prompt(self, prompt_ids: list[int], image_rows: torch.Tensor | None) -> None:
+        """Install the prompt (at construction, or after `prepare` ran)."""
+        self.prompt_ids = list(prompt_ids)
+        self.image_rows = image_rows
+        self.max_new_tokens = min(self.params.max_new_tokens, self.max_model_len - len(self.prompt_ids))
+
+    def run_prepare(self) -> None:
+        """Run the request's `prepare` hook, once."""
+        if self.request.prepare is not None:
+            prepare, self.request.prepare = self.request.prepare, None
+            self.set_prompt(*prepare())
 
     @property
     def all_ids(self) -> list[int]:
@@ -115,9 +138,9 @@ class Sequence:
             self._fill_timings(output, now)
         return output
 
-    def fail(self, message: str) -> EngineOutput:
+    def fail(self, error: Exception) -> EngineOutput:
         self.status = Status.FINISHED
-        output = EngineOutput(self.request_id, [], "", error=message, prompt_tokens=len(self.prompt_ids))
+        output = EngineOutput(self.request_id, [], "", error=error, prompt_tokens=len(self.prompt_ids))
         self._fill_timings(output, time.perf_counter())
         return output
 

@@ -18,7 +18,7 @@ class SerialRunner:
     @torch.inference_mode()
     def prefill(self, seq: Sequence) -> torch.Tensor:
         ids = torch.tensor(seq.prompt_ids, dtype=torch.long)
-        embeds = self.model.embed(ids, seq.request.image_rows).unsqueeze(0)
+        embeds = self.model.embed(ids, seq.image_rows).unsqueeze(0)
         out = self.model.causal_lm(inputs_embeds=embeds, use_cache=True, logits_to_keep=1)
         self._caches[seq.request_id] = out.past_key_values
         return out.logits[0, -1].float()
