@@ -14,11 +14,13 @@ from language_server import metrics
 from language_server.api import GenerationService
 from language_server.engine.async_engine import AsyncEngine
 from language_server.engine.engine import Engine
+from language_server.media import RemoteMedia
 from language_server.model import LanguageModel
 from language_server.prompt import PromptBuilder
 from language_server.vision_client import VisionClient
 from pipeline.checkpoint import Checkpoint, CheckpointError, open_model
 from pipeline.config import DvDConfig
+from pipeline.stages import Pipeline
 from pipeline.grpc_server import (
     NOT_SERVING,
     SERVING,
@@ -71,13 +73,10 @@ async def serve(config: DvDConfig, stop: asyncio.Event) -> None:
     if lc.api_key:
         interceptors.insert(0, ApiKeyInterceptor(lc.api_key))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(lc.max_request_bytes))
+    pipeline = Pipeline.create(lc.max_pending_requests, lc.max_vision_requests, lc.max_llm_requests)
+    media = RemoteMedia(vision, PromptBuilder(tokenizer, lc.system_prompt), config, pipeline)
     service = GenerationService(
-        config,
-        checkpoint,
-        AsyncEngine(engine),
-        vision,
-        PromptBuilder(tokenizer, lc.system_prompt),
-        stop_token_ids(checkpoint, tokenizer),
+        config, checkpoint, AsyncEngine(engine), media, pipeline, stop_token_ids(checkpoint, tokenizer)
     )
     generate_pb2_grpc.add_GenerationServicer_to_server(service, server)
     info = server_info("language", checkpoint, lc.dtype, lc.device, loaded, [model])

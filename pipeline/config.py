@@ -132,7 +132,9 @@ class LanguageConfig:
     request_timeout_s: float = 600.0
     max_request_bytes: int = 64 * 1024 * 1024
     max_images_per_request: int = 16
-    max_pending_requests: int = 256
+    max_pending_requests: int = 256  # admitted requests (all stages); beyond: RESOURCE_EXHAUSTED
+    max_vision_requests: int = 64  # requests whose media are being encoded or transferred
+    max_llm_requests: int = 256  # requests inside the engine (running or queued)
     api_key: str = ""  # when set, clients must send "authorization: Bearer <key>"
     max_num_seqs: int = 64  # sequences in one engine step
     max_num_batched_tokens: int = 2048  # tokens in one engine step; longer prompts are prefilled in chunks
@@ -156,6 +158,8 @@ class LanguageConfig:
             "max_request_bytes",
             "max_images_per_request",
             "max_pending_requests",
+            "max_vision_requests",
+            "max_llm_requests",
         )
         _ports(self, "grpc_port", "feature_port", "metrics_port")
         _non_negative(self, "threads")

@@ -1,0 +1,140 @@
+"""Load generation against a running DvD (or colocated) server: closed loop or fixed arrival rate."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import grpc
+
+from proto.dvd.v1 import generate_pb2 as pb
+from proto.dvd.v1 import generate_pb2_grpc
+
+
+@dataclass
+class RequestRecord:
+    """What the client saw of one request."""
+
+    sent: float
+    first_token: float | None = None
+    done: float | None = None
+    output_tokens: int = 0
+    error: str | None = None
+    timings: pb.Timings | None = None
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.first_token is None else self.first_token - self.sent
+
+    @property
+    def e2e_s(self) -> float | None:
+        return None if self.done is None else self.done - self.sent
+
+
+@dataclass
+class LoadResult:
+    """Records of one load run and the summary numbers reports use."""
+
+    records: list[RequestRecord] = field(default_factory=list)
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def ok(self) -> list[RequestRecord]:
+        return [r for r in self.records if r.error is None and r.done is not None]
+
+    def summary(self) -> dict[str, float]:
+        ok = self.ok
+        wall = max(self.finished - self.started, 1e-9)
+        ttft = sorted(r.ttft_s for r in ok)
+        e2e = sorted(r.e2e_s for r in ok)
+        return {
+            "requests": len(self.records),
+            "completed": len(ok),
+            "errors": len(self.records) - len(ok),
+            "wall_s": wall,
+            "request_throughput": len(ok) / wall,
+            "output_token_throughput": sum(r.output_tokens for r in ok) / wall,
+            "ttft_p50_s": _percentile(ttft, 50),
+            "ttft_p99_s": _percentile(ttft, 99),
+            "e2e_p50_s": _percentile(e2e, 50),
+            "e2e_p99_s": _percentile(e2e, 99),
+            "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
+        }
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    k = (len(sorted_values) - 1) * q / 100
+    lo, hi = int(k), min(int(k) + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (k - lo)
+
+
+async def _one(stub, request: pb.GenerateRequest, record: RequestRecord, timeout_s: float) -> None:
+    try:
+        async for event in stub.Generate(request, timeout=timeout_s):
+            if event.HasField("delta") and event.delta.token_ids and record.first_token is None:
+                record.first_token = time.perf_counter()
+            if event.HasField("result"):
+                record.done = time.perf_counter()
+                record.output_tokens = len(event.result.token_ids)
+                record.timings = event.result.timings
+    except grpc.aio.AioRpcError as exc:
+        record.error = f"{exc.code().name}: {exc.details()}"
+
+
+async def run_load(
+    address: str,
+    make_request: Callable[[int], pb.GenerateRequest],
+    total: int,
+    concurrency: int | None = None,
+    rate: float | None = None,
+    seed: int = 0,
+    timeout_s: float = 600.0,
+    progress: Callable[[int], None] | None = None,
+) -> LoadResult:
+    """Send `total` requests: `concurrency` closed-loop workers, or Poisson arrivals at `rate` req/s."""
+    if (concurrency is None) == (rate is None):
+        raise ValueError("give exactly one of concurrency and rate")
+    result = LoadResult()
+    options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+    async with grpc.aio.insecure_channel(address, options=options) as channel:
+        stub = generate_pb2_grpc.GenerationStub(channel)
+        counter = iter(range(total))
+        done_count = 0
+
+        async def send(index: int) -> None:
+            nonlocal done_count
+            record = RequestRecord(sent=time.perf_counter())
+            result.records.append(record)
+            await _one(stub, make_request(index), record, timeout_s)
+            done_count += 1
+            if progress is not None:
+                progress(done_count)
+
+        result.started = time.perf_counter()
+        if concurrency is not None:
+
+            async def worker() -> None:
+                for index in counter:
+                    await send(index)
+
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        else:
+            rng = random.Random(seed)
+            tasks = []
+            next_at = time.perf_counter()
+            for index in counter:
+                delay = next_at - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(send(index)))
+                next_at += rng.expovariate(rate)
+            await asyncio.gather(*tasks)
+        result.finished = time.perf_counter()
+    return result
