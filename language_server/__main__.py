@@ -2,26 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import signal
 import sys
 
-from pipeline.config import ConfigError, load_config, parse_override
 from pipeline.logs import setup_logging
-from pipeline.process import configure_torch, start_metrics
+from pipeline.process import configure_torch, server_args, start_metrics
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m language_server", description="Run the DvD language server.")
-    parser.add_argument("--config", required=True, help="deployment YAML file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config, dict(parse_override(s) for s in args.set))
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    _, config = server_args("python -m language_server", "Run the DvD language server.", argv)
     setup_logging("language", config.log_level)
     configure_torch(config.language.threads)
     start_metrics(config.language.host, config.language.metrics_port)

@@ -31,3 +31,24 @@ def die_with_parent() -> None:
         libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
     except OSError:
         pass
+
+
+def server_args(prog: str, description: str, argv: list[str] | None, replica: bool = False):
+    """Parse a server's command line and load its config; exits with status 2 on a config error."""
+    import argparse
+    import sys
+
+    from pipeline.config import ConfigError, load_config, parse_override
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--config", required=True, help="deployment YAML file")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    if replica:
+        parser.add_argument("--replica", type=int, default=0, help="replica index (port offset)")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, dict(parse_override(s) for s in args.set))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return args, config
