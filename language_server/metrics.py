@@ -19,4 +19,7 @@ TRANSFER_MS = Histogram("dvd_transfer_ms", "Feature transfer time per job (send 
 TRANSFER_BYTES = Counter("dvd_transfer_bytes_total", "Feature payload bytes received")
 RUNNING = Gauge("dvd_running_requests", "Requests being generated")
 WAITING = Gauge("dvd_waiting_requests", "Requests queued in the engine")
+KV_BLOCKS_USED = Gauge("dvd_kv_cache_used_blocks", "KV-cache blocks held by sequences")
+KV_BLOCKS_TOTAL = Gauge("dvd_kv_cache_blocks", "KV-cache blocks in the pool")
+KV_USAGE = Gauge("dvd_kv_cache_usage", "Fraction of the KV-cache blocks held by sequences")
 IN_FLIGHT = Gauge("dvd_requests_in_flight", "Requests admitted by the API (any stage)")

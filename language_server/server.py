@@ -63,10 +63,13 @@ async def serve(config: DvDConfig, stop: asyncio.Event) -> None:
     checkpoint = open_model(config.model.path, config.model.format)
     model, loaded = LanguageModel.from_checkpoint(checkpoint, lc.device, getattr(torch, lc.dtype))
     tokenizer = load_tokenizer(checkpoint)
-    engine = Engine(model, tokenizer, lc.max_model_len)
+    engine = Engine(model, tokenizer, lc)
     engine.start()
     metrics.RUNNING.set_function(lambda: engine.num_running)
     metrics.WAITING.set_function(lambda: engine.num_waiting)
+    metrics.KV_BLOCKS_USED.set_function(lambda: engine.kv_blocks_used)
+    metrics.KV_BLOCKS_TOTAL.set(engine.kv_blocks_total)
+    metrics.KV_USAGE.set_function(lambda: engine.kv_usage)
     vision = VisionClient(config, model.hidden_size)
 
     interceptors = [ErrorInterceptor()]

@@ -1,37 +1,62 @@
-"""The engine thread: takes requests, runs model steps, hands outputs to per-request sinks."""
+"""The engine: continuous batching over a paged KV cache, driven by its own thread or by `step()`."""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
-from collections import deque
 from typing import Callable
 
+import torch
+
+from language_server.engine.attention import select_backend, use_paged_attention
+from language_server.engine.block_manager import BlockManager
+from language_server.engine.kv_cache import KVCache, KVCacheSpec, plan_num_blocks
+from language_server.engine.model_runner import ModelRunner
 from language_server.engine.sampling import Sampler
-from language_server.engine.sequence import EngineOutput, EngineRequest, Sequence, Status
-from language_server.engine.serial import SerialRunner
+from language_server.engine.scheduler import ScheduledBatch, Scheduler
+from language_server.engine.sequence import EngineOutput, EngineRequest, Sequence
 from language_server.model import LanguageModel
+from pipeline.config import LanguageConfig
 
 log = logging.getLogger(__name__)
 Sink = Callable[[EngineOutput], None]
 IDLE_WAIT_S = 0.05
+_NO_HISTORY = torch.empty(0, dtype=torch.long)
 
 
 class Engine:
-    """Runs sequences in its own thread. `add_request` and `abort` may be called from any thread."""
+    """Runs every active request in every step.
 
-    def __init__(self, model: LanguageModel, tokenizer, max_model_len: int) -> None:
+    `add_request` and `abort` may be called from any thread. `start()` runs steps in the engine
+    thread; tests may instead call `step()` themselves. Taking the model over switches its
+    attention implementation to the engine's paged attention.
+    """
+
+    def __init__(self, model: LanguageModel, tokenizer, config: LanguageConfig) -> None:
+        self.model = model
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
-        self.runner = SerialRunner(model)
+        self.config = config
+        spec = KVCacheSpec.of(model.config, model.dtype)
+        num_blocks = plan_num_blocks(config, spec, model.device)
+        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.kv_cache = KVCache(spec, num_blocks, config.block_size, model.device)
+        self.backend = select_backend(config.attn_backend, model.device, model.dtype)
+        use_paged_attention(model.causal_lm)
+        self.runner = ModelRunner(model, self.kv_cache, self.backend)
+        self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.blocks, self._admit)
         self.sampler = Sampler()
-        self._inbox: queue.Queue[tuple[str, object, Sink | None]] = queue.Queue()
-        self._waiting: deque[Sequence] = deque()
-        self._current: Sequence | None = None
+        self._inbox: queue.SimpleQueue[tuple[str, object, Sink | None]] = queue.SimpleQueue()
         self._sinks: dict[str, Sink] = {}
+        self._outputs: list[EngineOutput] = []
+        self._lock = threading.Lock()  # held by whoever is stepping or draining the inbox
+        self._wakeup = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        log.info(
+            "engine ready",
+            extra={"kv_blocks": num_blocks, "block_size": config.block_size, "attn_backend": self.backend.name},
+        )
 
     # ----- any thread ---------------------------------------------------------------
     def start(self) -> None:
@@ -39,88 +64,163 @@ class Engine:
 
     def stop(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
-        self._thread.join(timeout_s)
+        self._wakeup.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
 
     def add_request(self, request: EngineRequest, sink: Sink) -> None:
+        """Queue a request; `sink` receives its outputs (on the engine thread)."""
         self._inbox.put(("add", request, sink))
+        self._wakeup.set()
 
     def abort(self, request_id: str) -> None:
+        """Drop a request and free its KV blocks: now when the engine is idle, else right after the
+        step in progress. Its sink gets nothing more."""
         self._inbox.put(("abort", request_id, None))
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
+        self._wakeup.set()
+        if self._lock.acquire(blocking=False):
+            try:
+                self._drain_inbox()
+            finally:
+                self._lock.release()
 
     @property
     def num_running(self) -> int:
-        return int(self._current is not None)
+        return len(self.scheduler.running)
 
-    # ----- engine thread --------------------------------------------------------------
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @property
+    def kv_blocks_used(self) -> int:
+        return self.blocks.num_used
+
+    @property
+    def kv_blocks_total(self) -> int:
+        return self.blocks.num_total
+
+    @property
+    def kv_usage(self) -> float:
+        return self.blocks.usage
+
+    @property
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
+
+    # ----- the stepping thread ------------------------------------------------------------
+    def step(self) -> list[EngineOutput]:
+        """Take in new requests and aborts, run one batched model step, and return (as well as
+        hand to the sinks) every output it produced."""
+        with self._lock:
+            self._drain_inbox()
+            batch = self.scheduler.schedule()
+            if batch:
+                self._run(batch)
+            outputs, self._outputs = self._outputs, []
+            return outputs
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work() or not self._inbox.empty()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
-            self._drain_inbox(block=self._current is None and not self._waiting)
-            if self._current is None and not self._waiting:
+            if not self.has_work():
+                self._wakeup.wait(IDLE_WAIT_S)
+                self._wakeup.clear()
                 continue
             try:
-                self._step()
-            except Exception as exc:  # noqa: BLE001 - fail the sequence, keep serving
-                if self._current is not None:
-                    self._finish(self._current, self._current.fail(exc))
+                self.step()
+            except Exception:  # noqa: BLE001 - a bug in one step must not end the engine thread
+                log.exception("engine step failed")
 
-    def _drain_inbox(self, block: bool) -> None:
+    def _run(self, batch: ScheduledBatch) -> None:
         try:
-            item = self._inbox.get(timeout=IDLE_WAIT_S) if block else self._inbox.get_nowait()
-        except queue.Empty:
+            logits = self.runner.run(batch.chunks)
+            for chunk in batch.chunks:
+                chunk.seq.num_computed_tokens = chunk.stop
+            sampling = [c.seq for c in batch.chunks if c.samples]
+            samples = self.sampler.sample(
+                logits,
+                [seq.params for seq in sampling],
+                [seq.generator for seq in sampling],
+                [seq.history() if seq.params.repetition_penalty != 1.0 else _NO_HISTORY for seq in sampling],
+            )
+        except Exception as exc:  # noqa: BLE001 - the step's sequences fail, the engine keeps serving
+            log.exception("model step failed", extra={"sequences": len(batch.chunks)})
+            for chunk in batch.chunks:
+                self._finish(chunk.seq, chunk.seq.fail(exc))
             return
-        while True:
-            kind, payload, sink = item
-            if kind == "add":
-                seq = Sequence(payload, self.tokenizer, self.max_model_len)
-                self._sinks[seq.request_id] = sink
-                self._waiting.append(seq)
+        for seq, sample in zip(sampling, samples):
+            output = seq.append(sample)
+            if output.finished:
+                self._finish(seq, output)
             else:
-                self._abort(payload)
+                self._emit(seq, output)
+
+    def _admit(self, seq: Sequence) -> bool:
+        """Right before a waiting sequence is first scheduled (or rescheduled after preemption):
+        run its `prepare` hook once and check that it can run at all."""
+        seq.mark_scheduled()
+        try:
+            seq.run_prepare()
+            self._check_runnable(seq)
+        except Exception as exc:  # noqa: BLE001 - fails this request only
+            self._emit(seq, seq.fail(exc))
+            self._sinks.pop(seq.request_id, None)
+            return False
+        return True
+
+    def _check_runnable(self, seq: Sequence) -> None:
+        if not seq.prompt_ids:
+            raise ValueError("the prompt is empty")
+        if seq.max_new_tokens <= 0:
+            raise ValueError(f"the prompt is {len(seq.prompt_ids)} tokens; max_model_len is {self.config.max_model_len}")
+        placeholders = seq.prompt_ids.count(self.model.image_token_id)
+        rows = 0 if seq.image_rows is None else seq.image_rows.shape[0]
+        if placeholders != rows:
+            raise ValueError(f"{placeholders} image placeholder tokens but {rows} feature rows")
+        if rows and seq.image_rows.shape[1] != self.model.hidden_size:
+            raise ValueError(f"image rows are {seq.image_rows.shape[1]} wide; the LLM's hidden size is {self.model.hidden_size}")
+        needed = self.blocks.blocks_for(seq.num_tokens + 1)
+        if needed > self.blocks.num_total:
+            raise ValueError(f"{seq.num_tokens + 1} tokens need {needed} KV blocks; the pool has {self.blocks.num_total}")
+
+    def _drain_inbox(self) -> None:
+        while True:
             try:
-                item = self._inbox.get_nowait()
+                kind, payload, sink = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if kind == "add":
+                self._add(payload, sink)
+            else:
+                self.scheduler.abort(payload)
+                self._sinks.pop(payload, None)
 
-    def _abort(self, request_id: str) -> None:
-        self._waiting = deque(s for s in self._waiting if s.request_id != request_id)
-        if self._current is not None and self._current.request_id == request_id:
-            self.runner.release(self._current)
-            self._current = None
-        self._sinks.pop(request_id, None)
-
-    def _step(self) -> None:
-        if self._current is None:
-            seq = self._current = self._waiting.popleft()
-            seq.status = Status.RUNNING
-            seq.mark_scheduled()
-            seq.run_prepare()
-            logits = self.runner.prefill(seq)
-        else:
-            seq = self._current
-            logits = self.runner.decode(seq)
-        sample = self.sampler.sample(logits[None], [seq.params], [seq.generator], [seq.history()])[0]
-        output = seq.append(sample)
-        if output.finished:
-            self._finish(seq, output)
-        else:
-            self._emit(seq, output)
+    def _add(self, request: EngineRequest, sink: Sink) -> None:
+        seq = Sequence(request, self.tokenizer, self.config.max_model_len)
+        if request.request_id in self._sinks:
+            error = ValueError(f"request id {request.request_id!r} is already in the engine")
+            self._deliver(sink, seq.fail(error))
+            return
+        self._sinks[seq.request_id] = sink
+        self.scheduler.add(seq)
 
     def _finish(self, seq: Sequence, output: EngineOutput) -> None:
-        self.runner.release(seq)
-        if self._current is seq:
-            self._current = None
+        self.scheduler.finish(seq)
         self._emit(seq, output)
         self._sinks.pop(seq.request_id, None)
 
     def _emit(self, seq: Sequence, output: EngineOutput) -> None:
         sink = self._sinks.get(seq.request_id)
-        if sink is None:
-            return
+        if sink is not None and not self._deliver(sink, output):
+            self._sinks.pop(seq.request_id, None)
+
+    def _deliver(self, sink: Sink, output: EngineOutput) -> bool:
+        self._outputs.append(output)
         try:
             sink(output)
         except RuntimeError:  # the receiving event loop is gone (shutdown)
-            self._sinks.pop(seq.request_id, None)
+            return False
+        return True

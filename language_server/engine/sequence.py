@@ -60,7 +60,12 @@ class Status(Enum):
 
 
 class Sequence:
-    """Engine-side state of one request."""
+    """Engine-side state of one request.
+
+    Its tokens are the prompt followed by the output so far. The first `num_computed_tokens` of
+    them have their keys and values in the KV cache, in the blocks listed by `block_table`;
+    preemption by recompute drops both and starts over from token 0.
+    """
 
     def __init__(self, request: EngineRequest, tokenizer, max_model_len: int) -> None:
         self.request = request
@@ -72,6 +77,9 @@ class Sequence:
         self.status = Status.WAITING
         self.set_prompt(request.prompt_ids, request.image_rows)
         self.generator = self.params.make_generator()
+        self.num_computed_tokens = 0
+        self.block_table: list[int] = []
+        self.num_preemptions = 0
         self._detokenizer = IncrementalDetokenizer(tokenizer)
         self._stops = StopStringMatcher(self.params.stop)
         self.arrived = time.perf_counter()
@@ -93,6 +101,32 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus output tokens."""
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        """Tokens whose keys and values are not in the KV cache yet (1 for a decoding sequence)."""
+        return self.num_tokens - self.num_computed_tokens
+
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """Tokens [start, stop) of prompt + output, without building the whole list."""
+        prompt = len(self.prompt_ids)
+        if stop <= prompt:
+            return self.prompt_ids[start:stop]
+        if start >= prompt:
+            return self.output_ids[start - prompt : stop - prompt]
+        return self.prompt_ids[start:] + self.output_ids[: stop - prompt]
+
+    def preempt(self) -> None:
+        """Forget the cached tokens (their blocks are freed by the caller); they will be recomputed."""
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.num_preemptions += 1
+        self.status = Status.WAITING
 
     def history(self) -> torch.Tensor:
         """Prompt and output ids, for the repetition penalty."""

@@ -1,0 +1,124 @@
+"""Paged attention plugged into the model's own Hugging Face attention modules.
+
+The engine runs one packed forward per step: every scheduled token of every sequence in a
+single [1, T] row, with per-token positions. transformers' attention modules compute q, k, v
+and RoPE as usual and then call the function registered under `config._attn_implementation`
+in `AttentionInterface`; ours is `paged_attention`. It receives the step's `AttentionMetadata`
+through the forward kwargs (`attention_metadata=...`), writes the new keys and values into the
+paged KV cache and lets the step's backend (SDPA or flash-attn) attend over each sequence's
+cached context. Since "dvd_paged" has no entry in transformers' mask registry, the model builds
+no attention mask: causality and sequence boundaries are the backend's business.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+
+from language_server.engine.kv_cache import KVCache
+
+PAGED_ATTENTION = "dvd_paged"
+
+
+class AttentionBackend(Protocol):
+    """Attention over the paged KV cache for one packed step."""
+
+    name: str
+
+    def plan(self, metadata: AttentionMetadata) -> object:
+        """Per-step work shared by all layers (index tensors, masks); stored as `metadata.plan`."""
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
+        metadata: AttentionMetadata, scaling: float,
+    ) -> torch.Tensor:
+        """[T, heads, head_dim] queries (and this step's keys and values, already in the cache)
+        -> [T, heads, head_dim] outputs."""
+
+
+@dataclass
+class AttentionMetadata:
+    """What attention needs to know about one packed step; built once, read by every layer.
+
+    Sequence i owns query rows `query_start[i] : query_start[i + 1]` of the packed batch; its
+    queries are the last `query_lens[i]` of its `context_lens[i]` tokens, whose cache slots in
+    order are `context_slots[i]`.
+    """
+
+    kv_cache: KVCache
+    backend: AttentionBackend
+    slot_mapping: torch.Tensor  # [T] cache slot of each new token
+    query_start: list[int]  # cumulative query lengths, len = num_seqs + 1
+    context_lens: list[int]
+    context_slots: list[torch.Tensor]
+    block_tables: list[list[int]]
+    plan: object = None
+
+    @property
+    def query_lens(self) -> list[int]:
+        return [b - a for a, b in zip(self.query_start, self.query_start[1:])]
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.context_lens)
+
+
+def paged_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    attention_metadata: AttentionMetadata | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The `AttentionInterface` entry: [1, heads, T, head_dim] q, k, v -> [1, T, heads, head_dim]."""
+    if attention_metadata is None:
+        raise RuntimeError(f"'{PAGED_ATTENTION}' attention runs only inside the engine (no attention_metadata given)")
+    if sliding_window is not None:
+        raise NotImplementedError("sliding-window attention layers are not supported by the paged engine")
+    meta = attention_metadata
+    query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
+    meta.kv_cache.write(module.layer_idx, meta.slot_mapping, key, value)
+    out = meta.backend.attend(query, key, value, module.layer_idx, meta, scaling)
+    return out.unsqueeze(0), None
+
+
+AttentionInterface.register(PAGED_ATTENTION, paged_attention)
+
+
+def use_paged_attention(causal_lm: nn.Module) -> None:
+    """Point the model's attention modules at `paged_attention`; reject layers it cannot run."""
+    config = causal_lm.config
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types):
+        raise ValueError(f"the paged engine runs full-attention layers only; this model has {sorted(set(layer_types))}")
+    if getattr(config, "use_sliding_window", False):
+        raise ValueError("the paged engine does not support sliding-window attention (use_sliding_window: true)")
+    causal_lm.set_attn_implementation(PAGED_ATTENTION)
+
+
+def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
+    """`sdpa`, `flash_attn`, or for `auto` flash-attn where it can run (importable, CUDA, 16-bit) else SDPA."""
+    from language_server.engine.flash_backend import FlashAttentionBackend, flash_attn_available
+    from language_server.engine.sdpa_backend import SdpaBackend
+
+    if name == "sdpa":
+        return SdpaBackend()
+    flash_fits = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    if name == "flash_attn":
+        if not flash_attn_available():
+            raise ValueError("attn_backend: flash_attn is not importable here (install the 'gpu' extra)")
+        if not flash_fits:
+            raise ValueError(f"attn_backend: flash_attn needs a CUDA device and float16/bfloat16, got {device}, {dtype}")
+        return FlashAttentionBackend()
+    if name == "auto":
+        return FlashAttentionBackend() if flash_fits and flash_attn_available() else SdpaBackend()
+    raise ValueError(f"attn_backend: unknown backend {name!r} (auto, sdpa, flash_attn)")

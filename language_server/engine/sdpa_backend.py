@@ -1,0 +1,124 @@
+"""Paged attention with torch's scaled_dot_product_attention (CPU and GPU)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from language_server.engine.attention import AttentionMetadata
+
+
+@dataclass
+class DecodeGroup:
+    """Sequences with a single query row, attended together over a padded gather of their contexts."""
+
+    rows: torch.Tensor  # [B] packed query rows
+    slots: torch.Tensor  # [B, longest context] cache slots, padded with each sequence's first slot
+    mask: torch.Tensor | None  # [B, 1, 1, longest context], True = attend; None when no padding
+
+
+@dataclass
+class PrefillSlice:
+    """One sequence with several query rows (a prompt or a prompt chunk), attended on its own."""
+
+    start: int
+    length: int
+    slots: torch.Tensor | None  # cache slots of the whole context; None = no cached prefix
+    mask: torch.Tensor | None  # [length, context] causal mask shifted by the cached prefix
+
+
+@dataclass
+class SdpaPlan:
+    decode: DecodeGroup | None
+    prefills: list[PrefillSlice]
+
+
+class SdpaBackend:
+    """Gathers each sequence's keys and values from the paged cache and runs SDPA.
+
+    Single-token queries (decodes) share one batched call; multi-token queries run one call per
+    sequence, causal within the chunk and seeing the whole cached prefix.
+    """
+
+    name = "sdpa"
+
+    def plan(self, meta: AttentionMetadata) -> SdpaPlan:
+        device = meta.slot_mapping.device
+        decode_ids = [i for i, n in enumerate(meta.query_lens) if n == 1]
+        prefills = []
+        for i, n in enumerate(meta.query_lens):
+            if n == 1:
+                continue
+            context = meta.context_lens[i]
+            if context == n:
+                prefills.append(PrefillSlice(meta.query_start[i], n, None, None))
+                continue
+            prefix = context - n
+            rows = torch.arange(n, device=device).unsqueeze(1)
+            cols = torch.arange(context, device=device).unsqueeze(0)
+            prefills.append(PrefillSlice(meta.query_start[i], n, meta.context_slots[i], cols <= rows + prefix))
+        return SdpaPlan(self._decode_group(meta, decode_ids, device), prefills)
+
+    def _decode_group(self, meta: AttentionMetadata, ids: list[int], device: torch.device) -> DecodeGroup | None:
+        if not ids:
+            return None
+        lengths = [meta.context_lens[i] for i in ids]
+        longest = max(lengths)
+        slots = torch.stack(
+            [_pad(meta.context_slots[i], longest) for i in ids]
+        )
+        mask = None
+        if min(lengths) != longest:
+            lengths_t = torch.tensor(lengths, device=device)
+            mask = (torch.arange(longest, device=device).unsqueeze(0) < lengths_t.unsqueeze(1))[:, None, None, :]
+        rows = torch.tensor([meta.query_start[i] for i in ids], device=device)
+        return DecodeGroup(rows, slots, mask)
+
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
+        meta: AttentionMetadata, scaling: float,
+    ) -> torch.Tensor:
+        plan: SdpaPlan = meta.plan
+        out = torch.empty_like(query)
+        if plan.decode is not None:
+            group = plan.decode
+            keys, values = meta.kv_cache.read(layer, group.slots)  # [B, L, kv_heads, D]
+            q = query[group.rows].unsqueeze(2)  # [B, heads, 1, D]
+            attended = _sdpa(q, keys.transpose(1, 2), values.transpose(1, 2), group.mask, False, scaling)
+            out[group.rows] = attended.squeeze(2).to(out.dtype)
+        for part in plan.prefills:
+            rows = slice(part.start, part.start + part.length)
+            if part.slots is None:
+                k, v = key[rows], value[rows]
+            else:
+                k, v = meta.kv_cache.read(layer, part.slots)
+            q = query[rows].transpose(0, 1).unsqueeze(0)
+            k, v = (t.transpose(0, 1).unsqueeze(0) for t in (k, v))
+            attended = _sdpa(q, k, v, part.mask, part.mask is None, scaling)
+            out[rows] = attended[0].transpose(0, 1).to(out.dtype)
+        return out
+
+
+def _sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scaling: float
+) -> torch.Tensor:
+    """SDPA on [B, heads, Lq, D] x [B, kv_heads, Lk, D]; grouped-query heads are expanded only when a
+    mask is given (masked GQA would push CUDA onto the slow math kernel)."""
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1 and mask is not None:
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(
+        q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal, scale=scaling,
+        enable_gqa=groups > 1 and mask is None,
+    )
+
+
+def _pad(slots: torch.Tensor, length: int) -> torch.Tensor:
+    """`slots` padded to `length` with its first slot (always written, so never uninitialised memory)."""
+    if slots.numel() == length:
+        return slots
+    return torch.cat([slots, slots[:1].expand(length - slots.numel())])
