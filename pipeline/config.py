@@ -100,9 +100,10 @@ class VisionConfig:
     max_queued_jobs: int = 256  # jobs waiting beyond this are answered RESOURCE_EXHAUSTED
     vir_mode: Literal["router", "all_256", "all_64"] = "router"  # ViR on -Flash checkpoints
     feature_cache_bytes: int = 256 * 1024 * 1024  # LRU cache of features by image bytes; 0 = off
+    replica_timeout_s: float = 30.0  # language side: a job a replica leaves unanswered this long goes to another
 
     def check(self) -> None:
-        _positive(self, "max_batch_tiles", "replicas", "preprocess_workers", "max_queued_jobs")
+        _positive(self, "max_batch_tiles", "replicas", "preprocess_workers", "max_queued_jobs", "replica_timeout_s")
         _ports(self, "job_port", "grpc_port", "metrics_port")
         _non_negative(self, "threads", "max_wait_ms", "feature_cache_bytes")
         if self.devices and len(self.devices) != self.replicas:

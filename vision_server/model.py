@@ -39,18 +39,21 @@ class VisionEncoder(nn.Module):
     def output_size(self) -> int:
         return self.projector.linear_2.out_features
 
-    def vit_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def vit_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch tokens of the last ViT layer, CLS dropped, as a [T, g, g, C] grid."""
         hidden = self.vision_tower(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
         hidden = hidden[:, 1:, :]
         side = int(hidden.shape[1] ** 0.5)
         return hidden.reshape(hidden.shape[0], side, side, -1)
 
-    @torch.inference_mode()
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        grid = self.vit_tokens(pixel_values)
+    def project_full(self, grid: torch.Tensor) -> torch.Tensor:
+        """The ordinary path: pixel shuffle (downsample_ratio) and mlp1; [T, g, g, C] -> [T, tokens, H]."""
         shuffled = pixel_shuffle(grid, self.downsample_ratio)
         return self.projector(shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1]))
+
+    @torch.inference_mode()
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.project_full(self.vit_grid(pixel_values))
 
     @classmethod
     def from_checkpoint(

@@ -1,0 +1,120 @@
+"""One job on its way through a vision server: limits, decoding and tiling, and its state.
+
+`load_pixels` turns a VisionJob's bytes into normalised tiles after checking every
+configured limit; any problem becomes a JobError that is answered to the requester as
+data (a FeatureHeader status and message), never an exception that escapes the server.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pipeline.config import DvDConfig
+from pipeline.wire import JobStatus, VisionJob
+from vision_server.feature_cache import CachedFeatures
+from vision_server.preprocess import ImageError, TilingParams, decode_image, find_grid, tile_image, to_pixel_values
+from vision_server.video import VideoSampling, decode_video_frames
+from vision_server.vir import TokenMode
+
+
+class JobError(Exception):
+    """A job cannot be answered with features; `status` is a JobStatus code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class PreparedJob:
+    """A job after preprocessing: tiles for the encoder, a cache hit, or an error."""
+
+    job: VisionJob
+    arrived: float  # Unix time the job reached this server
+    token_mode: TokenMode = "all_256"
+    cache_key: str | None = None
+    pixels: torch.Tensor | None = None  # [T, 3, S, S] when the encoder must run
+    frame_tiles: tuple[int, ...] = ()
+    cached: CachedFeatures | None = None
+    error: JobError | None = None
+    started: float = 0.0  # preprocessing began
+    preprocessed: float = 0.0  # preprocessing ended
+    ready_monotonic: float = field(default_factory=time.monotonic)
+
+    @property
+    def tiles(self) -> int:
+        return 0 if self.pixels is None else int(self.pixels.shape[0])
+
+    @property
+    def needs_encoder(self) -> bool:
+        return self.error is None and self.cached is None and self.pixels is not None
+
+
+def tiling_of(job: VisionJob, tile_size: int = 448) -> TilingParams:
+    try:
+        return TilingParams(
+            min_tiles=job.min_tiles, max_tiles=job.max_tiles, use_thumbnail=job.use_thumbnail, tile_size=tile_size
+        )
+    except ImageError as exc:
+        raise JobError(JobStatus.INVALID_INPUT, str(exc)) from None
+
+
+def check_parameters(job: VisionJob, config: DvDConfig) -> None:
+    """Reject parameters outside the configured limits before any decoding."""
+    images, video = config.images, config.video
+    if job.kind == "image":
+        if job.max_tiles > images.max_tiles:
+            raise JobError(JobStatus.INVALID_INPUT, f"max_tiles {job.max_tiles} exceeds the server limit {images.max_tiles}")
+        if len(job.data) > images.max_image_bytes:
+            raise JobError(
+                JobStatus.INVALID_INPUT, f"image data is {len(job.data)} bytes, over the limit of {images.max_image_bytes}"
+            )
+        return
+    if job.max_tiles > video.max_tiles_per_frame:
+        raise JobError(
+            JobStatus.INVALID_INPUT,
+            f"{job.max_tiles} tiles per frame exceed the server limit {video.max_tiles_per_frame}",
+        )
+    if not 1 <= job.num_segments <= video.max_segments:
+        raise JobError(JobStatus.INVALID_INPUT, f"num_segments must be in 1..{video.max_segments}, got {job.num_segments}")
+    if len(job.data) > video.max_video_bytes:
+        raise JobError(
+            JobStatus.INVALID_INPUT, f"video data is {len(job.data)} bytes, over the limit of {video.max_video_bytes}"
+        )
+
+
+def load_pixels(job: VisionJob, config: DvDConfig, tile_size: int = 448) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Decode and tile a job's media: pixel values [T, 3, S, S] and, for videos, tiles per frame."""
+    check_parameters(job, config)
+    tiling = tiling_of(job, tile_size)
+    budget = config.images.max_tiles_per_request
+    try:
+        if job.kind == "image":
+            image = decode_image(job.data, config.images)
+            _check_budget(_tile_count(image.size, tiling), budget)
+            return to_pixel_values(tile_image(image, tiling), tile_size), ()
+        sampling = VideoSampling(job.num_segments, job.start_s, job.end_s)
+        frames = decode_video_frames(job.data, sampling, config.video, config.images)
+        tiles, frame_tiles = [], []
+        for frame in frames:
+            _check_budget(len(tiles) + _tile_count(frame.size, tiling), budget)
+            frame_cut = tile_image(frame, tiling)
+            tiles += frame_cut
+            frame_tiles.append(len(frame_cut))
+        return to_pixel_values(tiles, tile_size), tuple(frame_tiles)
+    except ImageError as exc:
+        raise JobError(JobStatus.INVALID_INPUT, str(exc)) from None
+
+
+def _tile_count(size: tuple[int, int], tiling: TilingParams) -> int:
+    cols, rows = find_grid(size[0], size[1], tiling.min_tiles, tiling.max_tiles, tiling.tile_size)
+    return cols * rows + (1 if tiling.use_thumbnail and cols * rows > 1 else 0)
+
+
+def _check_budget(tiles: int, budget: int) -> None:
+    if tiles > budget:
+        raise JobError(JobStatus.INVALID_INPUT, f"{tiles} tiles exceed the limit of {budget} tiles per request")
