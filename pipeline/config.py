@@ -174,16 +174,23 @@ class LanguageConfig:
 class TransportConfig:
     """How features travel from vision to language servers."""
 
-    backend: str = "tcp"
+    backend: str = "tcp"  # tcp, shm (one host), nixl (RDMA-capable; optional extra "rdma")
     send_timeout_s: float = 30.0
     high_water_mark: int = 64  # messages queued per socket before senders block
+    payload_timeout_s: float = 300.0  # shm, nixl: a payload not released by then is reclaimed by the sender
+    pool_idle_s: float = 2.0  # shm, nixl: pooled payload buffers unused this long are freed
+    rdma_plugin: str = "UCX"  # nixl: the NIXL backend plugin (UCX, LIBFABRIC, ...)
+    rdma_devices: str = ""  # nixl: UCX_NET_DEVICES, e.g. "mlx5_0:1"; empty = UCX chooses
+    rdma_transports: str = ""  # nixl: UCX_TLS, e.g. "rc,sm,self" or "tcp"; empty = UCX chooses
 
     def check(self) -> None:
         from pipeline.transport import registered_backends
 
         if self.backend not in registered_backends():
             raise ValueError(f"backend: unknown backend {self.backend!r} (known: {registered_backends()})")
-        _positive(self, "send_timeout_s", "high_water_mark")
+        _positive(self, "send_timeout_s", "high_water_mark", "payload_timeout_s", "pool_idle_s")
+        if not self.rdma_plugin:
+            raise ValueError("rdma_plugin: must name a NIXL backend plugin, e.g. UCX")
 
 
 @dataclass(frozen=True)

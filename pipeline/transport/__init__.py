@@ -15,6 +15,8 @@ from pipeline.transport.base import (
 
 _BACKENDS: dict[str, str] = {
     "tcp": "pipeline.transport.tcp:TcpBackend",
+    "shm": "pipeline.transport.shm:ShmBackend",
+    "nixl": "pipeline.transport.nixl:NixlBackend",  # optional: pip install -e ".[rdma]"
 }
 
 
