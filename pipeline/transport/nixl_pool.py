@@ -17,7 +17,7 @@ import numpy as np
 ROUNDING = 1 << 20  # capacities are whole MiB, so slightly different sizes share buffers
 
 
-@dataclass
+@dataclass(eq=False)
 class RegisteredBuffer:
     array: np.ndarray  # uint8, never resized
     registration: Any  # the agent's descriptor list, needed to deregister

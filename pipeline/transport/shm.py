@@ -40,6 +40,7 @@ from pipeline.transport.tcp import TcpBackend, TcpReceiver, TcpSender
 log = logging.getLogger(__name__)
 HANDLE_MAGIC = b"DVDSHM1"
 SEGMENT_ROUNDING = 1 << 20  # capacities are whole MiB, so slightly different sizes share segments
+_SEGMENT_NUMBERS = itertools.count()  # process-wide: several senders in one process never collide
 
 
 def encode_handle(name: str, generation: int, nbytes: int) -> bytes:
@@ -54,7 +55,7 @@ def parse_handle(data: bytes) -> tuple[str, int, int]:
     return parts[1].decode("ascii"), int(parts[2]), int(parts[3])
 
 
-@dataclass
+@dataclass(eq=False)
 class _Slot:
     segment: Segment
     sent_at: float | None = None  # monotonic time of the unreleased send; None while free
@@ -67,7 +68,6 @@ class ShmSender(FeatureSender):
         self._timeout_s = config.payload_timeout_s
         self._idle_s = config.pool_idle_s
         self._prefix = segment_prefix()
-        self._seq = itertools.count()
         self._slots: list[_Slot] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -109,7 +109,7 @@ class ShmSender(FeatureSender):
             slot = min(free, key=lambda s: s.segment.capacity, default=None)
             if slot is None:
                 capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
-                slot = _Slot(Segment.create(f"{self._prefix}{next(self._seq)}", capacity))
+                slot = _Slot(Segment.create(f"{self._prefix}{next(_SEGMENT_NUMBERS)}", capacity))
                 self._slots.append(slot)
             slot.segment.state = SENT
             slot.sent_at = now
@@ -162,7 +162,7 @@ def _retire(segment: Segment) -> None:
     segment.close()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Mapped:
     segment: Segment
     outstanding: int = 0
