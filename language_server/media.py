@@ -49,6 +49,17 @@ class MediaStage(Protocol):
     ) -> tuple[EngineRequest, MediaTrace]: ...
 
 
+class LocalVision(Protocol):
+    """A vision half inside the language server's process (the colocated baseline)."""
+
+    loaded_tensors: list[str]
+    modules: list[torch.nn.Module]
+
+    def media_stage(self, prompts: PromptBuilder, pipeline: Pipeline) -> MediaStage: ...
+
+    def close(self) -> None: ...
+
+
 def vision_jobs(req: GenerationRequest, config: DvDConfig) -> list[VisionJob]:
     """One job per image or video of the request, in prompt order (reply_to is filled by the sender)."""
     images = config.images

@@ -14,7 +14,7 @@ from language_server import metrics
 from language_server.api import GenerationService
 from language_server.engine.async_engine import AsyncEngine
 from language_server.engine.engine import Engine
-from language_server.media import RemoteMedia
+from language_server.media import LocalVision, MediaStage, RemoteMedia
 from language_server.model import LanguageModel
 from language_server.prompt import PromptBuilder
 from language_server.vision_client import VisionClient
@@ -57,8 +57,12 @@ def load_tokenizer(checkpoint: Checkpoint):
     return tokenizer
 
 
-async def serve(config: DvDConfig, stop: asyncio.Event) -> None:
-    """Load the LLM, start the engine and the API, and serve until `stop` is set."""
+async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVision | None = None) -> None:
+    """Load the LLM, start the engine and the API, and serve until `stop` is set.
+
+    With `local_vision` (the colocated baseline) images are encoded in this process, inline on
+    the engine thread, instead of by vision servers.
+    """
     lc = config.language
     checkpoint = open_model(config.model.path, config.model.format)
     model, loaded = LanguageModel.from_checkpoint(checkpoint, lc.device, getattr(torch, lc.dtype))
@@ -70,19 +74,27 @@ async def serve(config: DvDConfig, stop: asyncio.Event) -> None:
     metrics.KV_BLOCKS_USED.set_function(lambda: engine.kv_blocks_used)
     metrics.KV_BLOCKS_TOTAL.set(engine.kv_blocks_total)
     metrics.KV_USAGE.set_function(lambda: engine.kv_usage)
-    vision = VisionClient(config, model.hidden_size)
 
     interceptors = [ErrorInterceptor()]
     if lc.api_key:
         interceptors.insert(0, ApiKeyInterceptor(lc.api_key))
     server = grpc.aio.server(interceptors=interceptors, options=server_options(lc.max_request_bytes))
     pipeline = Pipeline.create(lc.max_pending_requests, lc.max_vision_requests, lc.max_llm_requests)
-    media = RemoteMedia(vision, PromptBuilder(tokenizer, lc.system_prompt), config, pipeline)
+    prompts = PromptBuilder(tokenizer, lc.system_prompt)
+    vision: VisionClient | None = None
+    if local_vision is None:
+        vision = VisionClient(config, model.hidden_size)
+        media: MediaStage = RemoteMedia(vision, prompts, config, pipeline)
+        role, modules = "language", [model]
+    else:
+        media = local_vision.media_stage(prompts, pipeline)
+        role, modules = "colocated", [model, *local_vision.modules]
+        loaded = sorted(loaded + local_vision.loaded_tensors)
     service = GenerationService(
         config, checkpoint, AsyncEngine(engine), media, pipeline, stop_token_ids(checkpoint, tokenizer)
     )
     generate_pb2_grpc.add_GenerationServicer_to_server(service, server)
-    info = server_info("language", checkpoint, lc.dtype, lc.device, loaded, [model])
+    info = server_info(role, checkpoint, lc.dtype, lc.device, loaded, modules)
     admin_pb2_grpc.add_AdminServicer_to_server(AsyncAdminService(info), server)
     health = add_health_and_reflection(server, ["dvd.v1.Generation", "dvd.v1.Admin"], aio=True)
     address = f"{lc.host}:{lc.grpc_port}"
@@ -91,11 +103,13 @@ async def serve(config: DvDConfig, stop: asyncio.Event) -> None:
     await server.start()
     await health.set("", SERVING)
     await health.set("dvd.v1.Generation", SERVING)
-    log.info("language server ready", extra={"address": address, "features": vision.receiver.address})
+    log.info(f"{role} server ready", extra={"address": address, "mode": config.mode})
     try:
         await stop.wait()
     finally:
         await health.set("", NOT_SERVING)
         await server.stop(grace=5.0)
         engine.stop()
-        vision.close()
+        for part in (vision, local_vision):
+            if part is not None:
+                part.close()

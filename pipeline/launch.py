@@ -117,7 +117,10 @@ class Deployment:
             for i in range(vc.replicas):
                 argv = [sys.executable, "-m", "vision_server", *common, "--replica", str(i)]
                 servers.append(ServerProcess(f"vision-{i}", argv, f"{vc.host}:{vc.grpc_port + i}"))
-        servers.append(ServerProcess("language", [sys.executable, "-m", "language_server", *common], self.address))
+        if self.config.mode == "colocated":
+            servers.append(ServerProcess("colocated", [sys.executable, "-m", "pipeline.colocated", *common], self.address))
+        else:
+            servers.append(ServerProcess("language", [sys.executable, "-m", "language_server", *common], self.address))
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             for server in servers:

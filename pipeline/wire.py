@@ -16,6 +16,7 @@ from typing import Any, Literal
 import torch
 from google.protobuf.message import DecodeError
 
+from pipeline.errors import DeadlineExceeded, InternalError, InvalidRequest, ResourceExhausted
 from proto.dvd.v1 import vision_pb2 as pb
 
 MediaKind = Literal["image", "video"]
@@ -170,6 +171,19 @@ class FeatureHeader:
     @property
     def ok(self) -> bool:
         return self.status == JobStatus.OK
+
+    def raise_for_status(self) -> None:
+        """Raise the request-ending error that a failed job means for its request."""
+        if self.ok:
+            return
+        message = self.error_message
+        if self.status == JobStatus.INVALID_INPUT:
+            raise InvalidRequest(message)
+        if self.status == JobStatus.RESOURCE_EXHAUSTED:
+            raise ResourceExhausted(f"vision server busy: {message}")
+        if self.status == JobStatus.DEADLINE_EXCEEDED:
+            raise DeadlineExceeded(f"vision job expired: {message}")
+        raise InternalError(f"vision server failed: {message}")
 
     def to_pb(self) -> pb.FeatureHeader:
         return pb.FeatureHeader(

@@ -1,0 +1,105 @@
+"""The colocated baseline: both halves in one process, vision inline in the engine loop.
+
+Built from the same parts as DvD (VisionWorker, PromptBuilder, Engine, GenerationService) and
+serving the same gRPC API. Each request's images are encoded on the engine thread right
+before its first prefill, so a large image stalls every running decode - the way one-process
+servers behave, and what DvD is measured against.
+
+    python -m pipeline.colocated --config configs/tiny.yaml --set mode=colocated
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+
+import torch
+
+from language_server.engine.sampling import SamplingParams
+from language_server.engine.sequence import EngineRequest, Prepared
+from language_server.media import MediaStage, MediaTrace, build_prompt, vision_jobs
+from language_server.prompt import PromptBuilder
+from language_server.request import GenerationRequest
+from pipeline.config import DvDConfig
+from pipeline.stages import Pipeline
+from vision_server.worker import VisionWorker
+
+
+class InlineMedia:
+    """Defers a request's vision work to the engine thread (EngineRequest.prepare)."""
+
+    def __init__(self, worker: VisionWorker, prompts: PromptBuilder, config: DvDConfig) -> None:
+        self.worker = worker
+        self.prompts = prompts
+        self.config = config
+
+    async def engine_request(
+        self, req: GenerationRequest, params: SamplingParams
+    ) -> tuple[EngineRequest, MediaTrace]:
+        trace = MediaTrace()
+        max_len = self.config.language.max_model_len
+        if not req.media:
+            prompt = build_prompt(self.prompts, req, [], max_len)
+            trace.record([], prompt)
+            return EngineRequest(req.request_id, prompt.token_ids, params), trace
+        jobs = vision_jobs(req, self.config)
+        submitted = time.perf_counter()
+
+        def prepare() -> Prepared:
+            started = time.perf_counter()
+            answers = self.worker.encode(jobs)
+            for header, _ in answers:
+                header.raise_for_status()
+            headers = [header for header, _ in answers]
+            prompt = build_prompt(self.prompts, req, headers, max_len)
+            trace.record(headers, prompt)
+            finished = time.perf_counter()
+            trace.spans.vision_queue = started - submitted
+            trace.spans.vision_compute = finished - started
+            trace.prepare_s = finished - submitted
+            return prompt.token_ids, torch.cat([rows for _, rows in answers])
+
+        return EngineRequest(req.request_id, [], params, prepare=prepare), trace
+
+
+class ColocatedVision:
+    """The vision half living in the language server's process."""
+
+    def __init__(self, config: DvDConfig) -> None:
+        self.config = config
+        self.worker = VisionWorker(config, server_id="colocated")
+        self.loaded_tensors = self.worker.loaded_tensors
+        self.modules = self.worker.modules
+
+    def media_stage(self, prompts: PromptBuilder, pipeline: Pipeline) -> MediaStage:
+        return InlineMedia(self.worker, prompts, self.config)
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    from language_server.server import serve
+    from pipeline.logs import setup_logging
+    from pipeline.process import configure_torch, server_args, start_metrics
+
+    _, config = server_args("python -m pipeline.colocated", "Run the colocated baseline.", argv)
+    setup_logging("colocated", config.log_level)
+    configure_torch(config.language.threads)
+    start_metrics(config.language.host, config.language.metrics_port)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop, local_vision=ColocatedVision(config))
+
+    asyncio.run(run())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
