@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from language_server.engine.sampling import SamplingParams
+from language_server.tile_estimate import image_tiles, video_tiles
 from pipeline.config import DvDConfig
 from pipeline.errors import InvalidRequest
 from proto.dvd.v1 import generate_pb2 as pb
@@ -74,6 +75,12 @@ class GenerationRequest:
             raise InvalidRequest(
                 f"{len(media)} images or videos exceed the limit of {limits.max_images_per_request} per request"
             )
+        tiles = sum(_tiles(p, config) for p in media)
+        if tiles > config.images.max_tiles_per_request:
+            raise InvalidRequest(
+                f"the images and videos make {tiles} tiles, over the limit of "
+                f"{config.images.max_tiles_per_request} tiles per request"
+            )
         sampling = _sampling(request.sampling, config)
         return cls(request_id=request.request_id or uuid.uuid4().hex, messages=messages, sampling=sampling)
 
@@ -101,23 +108,47 @@ def _part(part: pb.ContentPart, where: str, role: Role, config: DvDConfig) -> Pa
     media = part.image if kind == "image" else part.video
     if not media.data:
         raise InvalidRequest(f"{where}: {kind} data is empty")
-    if len(media.data) > limits.max_image_bytes:
-        raise InvalidRequest(f"{where}: {kind} is {len(media.data)} bytes, over the limit of {limits.max_image_bytes}")
     if kind == "image":
+        if len(media.data) > limits.max_image_bytes:
+            raise InvalidRequest(f"{where}: image is {len(media.data)} bytes, over the limit of {limits.max_image_bytes}")
         max_tiles = media.max_tiles or limits.max_tiles
         if not limits.min_tiles <= max_tiles <= limits.max_tiles:
             raise InvalidRequest(f"{where}: max_tiles must be in {limits.min_tiles}..{limits.max_tiles}, got {max_tiles}")
         return ImagePart(data=media.data, max_tiles=max_tiles)
-    video = part.video
-    if video.HasField("start_s") and video.HasField("end_s") and video.end_s <= video.start_s:
-        raise InvalidRequest(f"{where}: end_s ({video.end_s}) must be after start_s ({video.start_s})")
+    return _video(part.video, where, config)
+
+
+def _video(video: pb.VideoInput, where: str, config: DvDConfig) -> VideoPart:
+    limits = config.video
+    if len(video.data) > limits.max_video_bytes:
+        raise InvalidRequest(f"{where}: video is {len(video.data)} bytes, over the limit of {limits.max_video_bytes}")
+    num_segments = video.num_segments or limits.num_segments
+    if not 1 <= num_segments <= limits.max_segments:
+        raise InvalidRequest(f"{where}: num_segments must be in 1..{limits.max_segments}, got {num_segments}")
+    tiles_per_frame = video.max_tiles_per_frame or limits.tiles_per_frame
+    if not 1 <= tiles_per_frame <= limits.max_tiles_per_frame:
+        raise InvalidRequest(
+            f"{where}: max_tiles_per_frame must be in 1..{limits.max_tiles_per_frame}, got {tiles_per_frame}"
+        )
+    start_s = video.start_s if video.HasField("start_s") else None
+    end_s = video.end_s if video.HasField("end_s") else None
+    for name, value in (("start_s", start_s), ("end_s", end_s)):
+        if value is not None and not 0 <= value <= limits.max_duration_s:
+            raise InvalidRequest(f"{where}: {name} must be in 0..{limits.max_duration_s:g} s, got {value}")
+    if start_s is not None and end_s is not None and end_s <= start_s:
+        raise InvalidRequest(f"{where}: end_s ({end_s}) must be after start_s ({start_s})")
     return VideoPart(
-        data=video.data,
-        num_segments=video.num_segments or 8,
-        max_tiles_per_frame=video.max_tiles_per_frame or 1,
-        start_s=video.start_s if video.HasField("start_s") else None,
-        end_s=video.end_s if video.HasField("end_s") else None,
+        data=video.data, num_segments=num_segments, max_tiles_per_frame=tiles_per_frame, start_s=start_s, end_s=end_s
     )
+
+
+def _tiles(part: ImagePart | VideoPart, config: DvDConfig) -> int:
+    """Tiles a media part will make (videos: at most); an unreadable image counts one, the vision
+    server then reports what is wrong with it."""
+    if isinstance(part, VideoPart):
+        return video_tiles(part.num_segments, part.max_tiles_per_frame, use_thumbnail=False)
+    images = config.images
+    return image_tiles(part.data, images.min_tiles, part.max_tiles, images.use_thumbnail) or 1
 
 
 def _sampling(sampling: pb.SamplingParameters, config: DvDConfig) -> SamplingParams:

@@ -1,4 +1,11 @@
-"""The language server's side of the vision pipeline: send jobs, await validated features."""
+"""The language server's side of the vision pipeline: send jobs, await validated features.
+
+With several vision servers (replicas), each job goes to the reachable one with the fewest
+outstanding tiles (estimated from the image header and the tiling grid). A replica is
+treated as down when it does not take a job within the send timeout, or leaves a job
+unanswered for `vision.replica_timeout_s`; the job is then sent to another replica, and the
+replica is skipped for a while. Whichever answer to a job arrives first is used.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +14,9 @@ import logging
 import threading
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
+from language_server.tile_estimate import image_tiles, most_tiles, video_tiles
 from pipeline.channels import PushChannel
 from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded, InternalError, InvalidRequest, ResourceExhausted, Unavailable
@@ -17,14 +25,32 @@ from pipeline.wire import Features, JobStatus, VisionJob, WireError, decode_feat
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
+DOWN_S = 10.0  # a replica that failed a job is skipped this long
+
+
+@dataclass
+class _Replica:
+    endpoint: str
+    channel: PushChannel
+    outstanding_tiles: int = 0
+    down_until: float = 0.0  # time.monotonic(); skipped before this
+    send_lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 @dataclass
 class _Pending:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    endpoint: str
-    tiles_hint: int
+    tiles: int
+    replica: _Replica | None = None
+
+
+def estimate_tiles(job: VisionJob) -> int:
+    """Tiles the vision server will encode for a job (an upper bound when the header is unreadable)."""
+    if job.kind == "video":
+        return video_tiles(job.num_segments, job.max_tiles, job.use_thumbnail)
+    tiles = image_tiles(job.data, job.min_tiles, job.max_tiles, job.use_thumbnail)
+    return most_tiles(job.max_tiles, job.use_thumbnail) if tiles is None else tiles
 
 
 class VisionClient:
@@ -34,9 +60,9 @@ class VisionClient:
         self.config = config
         self.hidden_size = hidden_size
         self.timeout_s = config.language.vision_timeout_s
+        self.replica_timeout_s = config.vision.replica_timeout_s
         self.endpoints = list(config.vision_endpoints)
-        self._channels = {e: PushChannel(f"tcp://{e}") for e in self.endpoints}
-        self._outstanding = {e: 0 for e in self.endpoints}
+        self._replicas = [_Replica(e, PushChannel(f"tcp://{e}")) for e in self.endpoints]
         lc = config.language
         self.receiver: FeatureReceiver = create_backend(config.transport).receiver(lc.host, lc.feature_port)
         self._pending: dict[str, _Pending] = {}
@@ -49,50 +75,92 @@ class VisionClient:
         self._stop.set()
         self._thread.join(2 * POLL_S + 1)
         self.receiver.close()
-        for channel in self._channels.values():
-            channel.close()
+        for replica in self._replicas:
+            replica.channel.close()
+
+    def outstanding_tiles(self) -> dict[str, int]:
+        """Estimated tiles sent to each endpoint and not yet answered."""
+        with self._lock:
+            return {r.endpoint: r.outstanding_tiles for r in self._replicas}
 
     async def encode(self, job: VisionJob) -> Features:
         """Send one job and wait for its features; errors map to request-ending DvDErrors."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        job = _with(job, reply_to=self.receiver.address, sent=time.time(), deadline=time.time() + self.timeout_s)
-        endpoint = self._dispatch(job, _Pending(future, loop, "", job.max_tiles + 1))
-        try:
-            features = await asyncio.wait_for(future, self.timeout_s)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"vision server {endpoint} did not answer within {self.timeout_s:g} s"
-            ) from None
-        finally:
-            with self._lock:  # still pending after a timeout or a cancellation: forget the job
-                abandoned = self._pending.pop(job.job_id, None)
-                if abandoned is not None:
-                    self._outstanding[abandoned.endpoint] -= abandoned.tiles_hint
-        header = features.header
-        if header.status == JobStatus.OK:
-            return features
-        if header.status == JobStatus.INVALID_INPUT:
-            raise InvalidRequest(header.error_message)
-        if header.status == JobStatus.RESOURCE_EXHAUSTED:
-            raise ResourceExhausted(f"vision server busy: {header.error_message}")
-        if header.status == JobStatus.DEADLINE_EXCEEDED:
-            raise DeadlineExceeded(f"vision job expired: {header.error_message}")
-        raise InternalError(f"vision server failed: {header.error_message}")
-
-    def _dispatch(self, job: VisionJob, pending: _Pending) -> str:
-        """Send to the endpoint with the fewest outstanding tiles, falling back to the others."""
+        now = time.time()
+        job = replace(job, reply_to=self.receiver.address, sent_unix_s=now, deadline_unix_s=now + self.timeout_s)
         frame = job.encode()
-        with self._lock:
-            order = sorted(self.endpoints, key=lambda e: self._outstanding[e])
-            for endpoint in order:
-                pending.endpoint = endpoint
-                self._pending[job.job_id] = pending
-                if self._channels[endpoint].send([frame]):
-                    self._outstanding[endpoint] += pending.tiles_hint
-                    return endpoint
+        deadline = loop.time() + self.timeout_s
+        pending = _Pending(loop.create_future(), loop, estimate_tiles(job))
+        tried: set[str] = set()
+        claimed = False
+        try:
+            while True:
+                replica = await self._send(job.job_id, frame, pending, tried)
+                tried.add(replica.endpoint)
+                last_chance = len(tried) >= len(self._replicas)
+                remaining = deadline - loop.time()
+                try:
+                    features = await asyncio.wait_for(
+                        asyncio.shield(pending.future), remaining if last_chance else min(remaining, self.replica_timeout_s)
+                    )
+                except asyncio.TimeoutError:
+                    if last_chance or loop.time() >= deadline:
+                        raise DeadlineExceeded(f"no vision server answered within {self.timeout_s:g} s") from None
+                    self._mark_down(replica, f"left job {job.job_id} unanswered for {self.replica_timeout_s:g} s")
+                    continue
+                if features.header.status == JobStatus.RESOURCE_EXHAUSTED and not last_chance:
+                    pending.future = loop.create_future()
+                    continue
+                claimed = True
+                return _checked(features)
+        finally:
+            with self._lock:
                 self._pending.pop(job.job_id, None)
-        raise Unavailable(f"no vision server is reachable (tried {', '.join(order)})")
+                self._assign(pending, None)
+            if not claimed:  # features that arrive for an abandoned job go back to the transport
+                pending.future.add_done_callback(_release_unclaimed)
+
+    async def _send(self, job_id: str, frame: bytes, pending: _Pending, tried: set[str]) -> _Replica:
+        """Hand the job to the best replica that takes it; Unavailable if none does."""
+        refused: list[str] = []
+        while True:
+            with self._lock:
+                replica = self._choose(tried | set(refused))
+                if replica is None:
+                    break
+                self._pending[job_id] = pending
+                self._assign(pending, replica)
+            if await asyncio.to_thread(self._push, replica, frame):
+                return replica
+            refused.append(replica.endpoint)
+            self._mark_down(replica, "did not take a job")
+        raise Unavailable(f"no vision server took the job (tried {', '.join(sorted(tried | set(refused)))})")
+
+    def _choose(self, excluded: set[str]) -> _Replica | None:
+        """The replica with the fewest outstanding tiles, preferring those not marked down."""
+        candidates = [r for r in self._replicas if r.endpoint not in excluded]
+        if not candidates:
+            return None
+        now = time.monotonic()
+        return min(candidates, key=lambda r: (r.down_until > now, r.outstanding_tiles))
+
+    @staticmethod
+    def _push(replica: _Replica, frame: bytes) -> bool:
+        with replica.send_lock:
+            return replica.channel.send([frame])
+
+    def _assign(self, pending: _Pending, replica: _Replica | None) -> None:
+        """Move a job's tiles to `replica`'s outstanding count (None: the job is over). Holds _lock."""
+        if pending.replica is not None:
+            pending.replica.outstanding_tiles -= pending.tiles
+        pending.replica = replica
+        if replica is not None:
+            replica.outstanding_tiles += pending.tiles
+
+    def _mark_down(self, replica: _Replica, reason: str) -> None:
+        with self._lock:
+            replica.down_until = time.monotonic() + DOWN_S
+        log.warning("vision server %s %s; trying others", replica.endpoint, reason)
 
     def _receive_loop(self) -> None:
         while not self._stop.is_set():
@@ -108,18 +176,39 @@ class VisionClient:
             with self._lock:
                 pending = self._pending.pop(header.job_id, None)
                 if pending is not None:
-                    self._outstanding[pending.endpoint] -= pending.tiles_hint
+                    source = pending.replica.endpoint if pending.replica else header.server_id
+                    self._assign(pending, None)
             if pending is None:
-                log.info("features for an unknown or abandoned job", extra={"job_id": header.job_id})
+                log.info("features for an unknown or already answered job", extra={"job_id": header.job_id})
                 frame.release()
                 continue
             try:
-                features = decode_features(header, frame.payload, keepalive=frame, hidden_size=self.hidden_size)
-                result: Features | BaseException = features
+                result: Features | BaseException = decode_features(
+                    header, frame.payload, keepalive=frame, hidden_size=self.hidden_size
+                )
             except WireError as exc:
                 frame.release()
-                result = InternalError(f"malformed features from {pending.endpoint}: {exc}")
+                result = InternalError(f"malformed features from {source}: {exc}")
             pending.loop.call_soon_threadsafe(_resolve, pending.future, result)
+
+
+def _checked(features: Features) -> Features:
+    """The features when the job succeeded; otherwise the DvDError its status maps to."""
+    header = features.header
+    if header.status == JobStatus.OK:
+        return features
+    if header.status == JobStatus.INVALID_INPUT:
+        raise InvalidRequest(header.error_message)
+    if header.status == JobStatus.RESOURCE_EXHAUSTED:
+        raise ResourceExhausted(f"vision servers busy: {header.error_message}")
+    if header.status == JobStatus.DEADLINE_EXCEEDED:
+        raise DeadlineExceeded(f"vision job expired: {header.error_message}")
+    raise InternalError(f"vision server failed: {header.error_message}")
+
+
+def _release_unclaimed(future: asyncio.Future) -> None:
+    if not future.cancelled() and future.exception() is None:
+        future.result().release()
 
 
 def _resolve(future: asyncio.Future, result: Features | BaseException) -> None:
@@ -129,10 +218,6 @@ def _resolve(future: asyncio.Future, result: Features | BaseException) -> None:
         future.set_exception(result)
     else:
         future.set_result(result)
-
-
-def _with(job: VisionJob, reply_to: str, sent: float, deadline: float) -> VisionJob:
-    return replace(job, reply_to=reply_to, sent_unix_s=sent, deadline_unix_s=deadline)
 
 
 def new_job_id() -> str:

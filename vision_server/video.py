@@ -8,16 +8,13 @@ count and frame size are checked before any frame is decoded.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 from PIL import Image
 
 from pipeline.config import ImageLimits, VideoLimits
 from vision_server.preprocess import ImageError
-
-# decord prints its own errors to stderr; the ones below are raised as ImageError instead.
-_DECORD_ERRORS = (RuntimeError, AssertionError, ValueError)
-
 
 @dataclass(frozen=True)
 class VideoSampling:
@@ -56,7 +53,7 @@ class VideoReader:
             self._reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
             self.num_frames = len(self._reader)
             self.fps = float(self._reader.get_avg_fps())
-        except _DECORD_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001 - decord raises several unrelated types for bad input
             raise ImageError(f"not a readable video: {_first_line(exc)}") from None
         if self.num_frames < 1 or not self.fps > 0:
             raise ImageError(f"video has {self.num_frames} frames at {self.fps} fps; cannot sample it")
@@ -68,7 +65,7 @@ class VideoReader:
     def frame(self, index: int) -> Image.Image:
         try:
             pixels = self._reader.get_batch([index]).asnumpy()[0]
-        except _DECORD_ERRORS as exc:
+        except Exception as exc:  # noqa: BLE001
             raise ImageError(f"cannot decode video frame {index}: {_first_line(exc)}") from None
         return Image.fromarray(pixels).convert("RGB")
 
@@ -107,4 +104,6 @@ def decode_video_frames(
 
 
 def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+    """decord's message without its time stamp and source location."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", line)[:200]

@@ -1,0 +1,94 @@
+"""The language side's cheap tile counts agree with what the vision server makes, and the request
+limits on tiles and videos are enforced before any job is sent."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from language_server.request import GenerationRequest
+from language_server.tile_estimate import grid_tiles, image_tiles, video_tiles
+from language_server.vision_client import estimate_tiles
+from pipeline.client import image, message, video
+from pipeline.config import ImageLimits, load_config
+from pipeline.errors import InvalidRequest
+from pipeline.wire import VisionJob
+from proto.dvd.v1 import generate_pb2 as pb
+from tests.conftest import TINY_CONFIG, photo_bytes
+from vision_server.preprocess import TilingParams, decode_image, find_grid, tile_image
+
+
+def encoded(width: int, height: int, fmt: str = "PNG", **options) -> bytes:
+    pixels = np.random.default_rng(width * 7 + height).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_grid_rule_matches_the_vision_server_on_a_sweep():
+    sides = [1, 7, 100, 224, 447, 448, 449, 600, 896, 1000, 1344, 2000, 3000]
+    for max_tiles in (1, 6, 12):
+        for width in sides:
+            for height in sides:
+                cols, rows = find_grid(width, height, 1, max_tiles)
+                expected = cols * rows + (1 if cols * rows > 1 else 0)
+                assert grid_tiles(width, height, 1, max_tiles, use_thumbnail=True) == expected, (width, height)
+
+
+@pytest.mark.parametrize("name", ["coffee", "astronaut", "chelsea", "rocket", "camera"])
+@pytest.mark.parametrize("max_tiles", [1, 6, 12])
+def test_header_estimate_equals_the_tiles_made(name, max_tiles):
+    data = photo_bytes(name)
+    made = len(tile_image(decode_image(data, ImageLimits()), TilingParams(max_tiles=max_tiles)))
+    assert image_tiles(data, 1, max_tiles, use_thumbnail=True) == made
+
+
+def test_exif_rotation_is_honoured():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate: the upright image is 300 x 1200
+    data = encoded(1200, 300, "JPEG", exif=exif.tobytes())
+    made = len(tile_image(decode_image(data, ImageLimits()), TilingParams()))
+    assert image_tiles(data, 1, 12, use_thumbnail=True) == made == 5  # a 1x4 grid plus the thumbnail
+
+
+def test_job_estimates_fall_back_to_the_largest_grid():
+    assert estimate_tiles(VisionJob("a", "r", "image", b"garbage", "x", max_tiles=6)) == 7
+    assert estimate_tiles(VisionJob("b", "r", "image", photo_bytes("astronaut"), "x")) == 1
+    assert estimate_tiles(VisionJob("c", "r", "video", b"clip", "x", num_segments=8, max_tiles=1)) == 8
+    assert video_tiles(4, 2, use_thumbnail=True) == 12
+
+
+CONFIG = load_config(TINY_CONFIG)
+
+
+def request(*parts) -> pb.GenerateRequest:
+    return pb.GenerateRequest(messages=[message("user", *parts, "What is this?")])
+
+
+@pytest.mark.parametrize(
+    ("parts", "overrides", "error"),
+    [
+        ((image(photo_bytes("coffee")),) * 3, {"images.max_tiles_per_request": 20}, "21 tiles, over the limit of 20"),
+        ((video(b"clip", num_segments=65),), {}, "num_segments must be in 1..64"),
+        ((video(b"clip", max_tiles_per_frame=5),), {}, "max_tiles_per_frame must be in 1..4"),
+        ((video(b"x" * 2000),), {"video.max_video_bytes": 1000}, "video is 2000 bytes, over the limit of 1000"),
+        ((video(b"clip", num_segments=40),), {"images.max_tiles_per_request": 32}, "40 tiles, over the limit of 32"),
+        ((pb.ContentPart(video=pb.VideoInput(data=b"clip", start_s=-2.0)),), {}, "start_s must be in 0..3600"),
+    ],
+)
+def test_request_limits(parts, overrides, error):
+    config = load_config(TINY_CONFIG, overrides) if overrides else CONFIG
+    with pytest.raises(InvalidRequest) as info:
+        GenerationRequest.from_pb(request(*parts), config)
+    assert error in str(info.value)
+
+
+def test_video_defaults_come_from_the_config():
+    config = load_config(TINY_CONFIG, {"video.num_segments": 5, "video.tiles_per_frame": 2})
+    (part,) = GenerationRequest.from_pb(request(video(b"clip")), config).media
+    assert (part.num_segments, part.max_tiles_per_frame) == (5, 2)
+    ok = GenerationRequest.from_pb(request(*(image(photo_bytes("coffee")),) * 3), CONFIG)
+    assert len(ok.media) == 3
