@@ -238,7 +238,17 @@ def _once(function: Callable[[RegisteredBuffer], None], buffer: RegisteredBuffer
 
 class NixlBackend(TransportBackend):
     def sender(self) -> FeatureSender:
-        return NixlSender(self.config, TcpBackend(self.config).sender())
+        control = TcpBackend(self.config).sender()
+        try:
+            return NixlSender(self.config, control)
+        except BaseException:
+            control.close()
+            raise
 
     def receiver(self, host: str, port: int) -> FeatureReceiver:
-        return NixlReceiver(self.config, TcpBackend(self.config).receiver(host, port))
+        control = TcpBackend(self.config).receiver(host, port)
+        try:
+            return NixlReceiver(self.config, control)
+        except BaseException:
+            control.close()
+            raise
