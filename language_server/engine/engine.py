@@ -63,10 +63,16 @@ class Engine:
         self._thread.start()
 
     def stop(self, timeout_s: float = 5.0) -> None:
+        """End the engine thread, then apply requests and aborts still in the inbox."""
         self._stop.set()
         self._wakeup.set()
         if self._thread.is_alive():
             self._thread.join(timeout_s)
+        if self._lock.acquire(timeout=timeout_s):
+            try:
+                self._drain_inbox()
+            finally:
+                self._lock.release()
 
     def add_request(self, request: EngineRequest, sink: Sink) -> None:
         """Queue a request; `sink` receives its outputs (on the engine thread)."""
