@@ -1,0 +1,107 @@
+"""Every transport through two real server processes: greedy tokens equal transformers', and
+no shared-memory segment outlives the requests."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.client import sampling
+from pipeline.transport.shm_segments import PREFIX, SHM_DIR
+from tests.conftest import photo_bytes
+from tests.reference import Reference, img, text, to_messages
+
+MAX_NEW_TOKENS = 12
+SHM_IDLE_S = 3.0  # long enough that segments are still pooled when the first token streams back
+
+
+def _available(name: str) -> str:
+    if name == "nixl":
+        pytest.importorskip("nixl._api", reason="the optional 'rdma' extra (nixl) is not installed")
+    return name
+
+
+@pytest.fixture(scope="module", params=["tcp", "shm", "nixl"])
+def deployment(request, start_deployment):
+    name = _available(request.param)
+    if name == "tcp":
+        # The session's float32 deployment is exactly this one (tcp is the default backend).
+        servers = request.getfixturevalue("fp32_deployment")
+        assert servers.config.transport.backend == "tcp"
+        return name, servers
+    overrides = {"transport.backend": name, "vision.dtype": "float32", "language.dtype": "float32"}
+    if name == "shm":
+        overrides["transport.pool_idle_s"] = SHM_IDLE_S
+    return name, start_deployment(overrides, name=f"transport-{name}")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs) -> Reference:
+    return Reference(tiny_dirs["hf"], torch.float32)
+
+
+def conversations() -> dict[str, list[dict]]:
+    coffee, astronaut, chelsea = (photo_bytes(n) for n in ("coffee", "astronaut", "chelsea"))
+    return {
+        "single_image": [{"role": "user", "content": [img(coffee), text("What is in this image?")]}],
+        "two_images": [{"role": "user", "content": [img(astronaut), img(chelsea), text("Compare the two images.")]}],
+    }
+
+
+CASES = conversations()
+_EXPECTED: dict[str, list[int]] = {}
+
+
+def expected_tokens(reference: Reference, case: str) -> list[int]:
+    if case not in _EXPECTED:
+        _EXPECTED[case] = reference.generate(CASES[case], MAX_NEW_TOKENS)
+    return _EXPECTED[case]
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
+    """Poll `condition` until it holds or the timeout passes; its final value."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            return condition()
+        threading.Event().wait(0.05)
+    return True
+
+
+def segments_of(pid: int) -> list[str]:
+    return sorted(p.name for p in SHM_DIR.glob(f"{PREFIX}{pid}-*"))
+
+
+def vision_pids(deployment) -> list[int]:
+    return [s.process.pid for s in deployment.servers if s.name.startswith("vision")]
+
+
+def test_greedy_tokens_equal_transformers_and_no_segment_outlives_the_requests(deployment, client_for, reference):
+    name, servers = deployment
+    client = client_for(servers)
+    pids = vision_pids(servers)
+    assert pids
+    for case in CASES:
+        messages = to_messages(CASES[case])
+        events = client.stream(messages, sampling(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0))
+        first = next(events)
+        in_use = [s for pid in pids for s in segments_of(pid)]
+        rest = list(events)
+        tokens = [t for e in [first, *rest] if e.HasField("delta") for t in e.delta.token_ids]
+        assert tokens == expected_tokens(reference, case), f"{name}: {case}"
+        assert rest[-1].HasField("result") and list(rest[-1].result.token_ids) == tokens
+        if name == "shm":
+            assert in_use, "the features did not travel through shared memory"
+        else:
+            assert in_use == []
+    if name == "nixl":
+        for pid in pids:
+            assert "nixl" in Path(f"/proc/{pid}/maps").read_text(), "the vision server did not load NIXL"
+    assert wait_until(lambda: all(not segments_of(pid) for pid in pids), 6 * SHM_IDLE_S), [
+        segments_of(pid) for pid in pids
+    ]
