@@ -1,6 +1,7 @@
 """Prometheus metrics of a language server."""
 
-from prometheus_client import Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 
 _S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _MS = (0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)
@@ -23,3 +24,26 @@ KV_BLOCKS_USED = Gauge("dvd_kv_cache_used_blocks", "KV-cache blocks held by sequ
 KV_BLOCKS_TOTAL = Gauge("dvd_kv_cache_blocks", "KV-cache blocks in the pool")
 KV_USAGE = Gauge("dvd_kv_cache_usage", "Fraction of the KV-cache blocks held by sequences")
 IN_FLIGHT = Gauge("dvd_requests_in_flight", "Requests admitted by the API (any stage)")
+
+
+class _EngineCounters:
+    """Counters the engine keeps itself, read at scrape time."""
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+
+    def collect(self):
+        yield CounterMetricFamily(
+            "dvd_engine_preemptions", "Sequences preempted (KV blocks freed, recomputed later)",
+            value=self.engine.num_preemptions,
+        )
+
+
+def watch_engine(engine) -> None:
+    """Point the engine's gauges and counters at a running Engine."""
+    RUNNING.set_function(lambda: engine.num_running)
+    WAITING.set_function(lambda: engine.num_waiting)
+    KV_BLOCKS_USED.set_function(lambda: engine.kv_blocks_used)
+    KV_BLOCKS_TOTAL.set(engine.kv_blocks_total)
+    KV_USAGE.set_function(lambda: engine.kv_usage)
+    REGISTRY.register(_EngineCounters(engine))

@@ -69,11 +69,7 @@ async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVisio
     tokenizer = load_tokenizer(checkpoint)
     engine = Engine(model, tokenizer, lc)
     engine.start()
-    metrics.RUNNING.set_function(lambda: engine.num_running)
-    metrics.WAITING.set_function(lambda: engine.num_waiting)
-    metrics.KV_BLOCKS_USED.set_function(lambda: engine.kv_blocks_used)
-    metrics.KV_BLOCKS_TOTAL.set(engine.kv_blocks_total)
-    metrics.KV_USAGE.set_function(lambda: engine.kv_usage)
+    metrics.watch_engine(engine)
 
     interceptors = [ErrorInterceptor()]
     if lc.api_key:

@@ -1,0 +1,135 @@
+"""The batching engine through real servers: concurrent gRPC requests, chunked and preempted
+inside the engine, equal transformers' `generate`; clients that go away give their KV blocks back."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+
+from pipeline.client import sampling
+from proto.dvd.v1 import generate_pb2 as pb
+from tests.conftest import photo_bytes
+from tests.reference import Reference, img, text, to_messages
+
+MAX_NEW_TOKENS = 12
+WAIT_S = 60.0
+LONG = dict(max_new_tokens=4000, ignore_eos=True)  # far more decode steps than the test waits for
+
+
+@pytest.fixture(scope="module")
+def tight(start_deployment):
+    """float32 servers whose engine must chunk (96-token steps) and preempt (2560-token KV pool)."""
+    return start_deployment(
+        {
+            "vision.dtype": "float32",
+            "language.dtype": "float32",
+            "language.num_kv_blocks": 160,
+            "language.block_size": 16,
+            "language.max_num_batched_tokens": 96,
+        },
+        name="tight_engine",
+    )
+
+
+@pytest.fixture(autouse=True)
+def kv_pool_drains(tight):
+    """After every test the language server's KV pool is empty again."""
+    yield
+    assert wait_for_kv_blocks(tight, lambda used: used == 0) == 0
+
+
+def metric(deployment, series: str) -> float:
+    """One series' value from the language server's /metrics."""
+    config = deployment.config.language
+    with urllib.request.urlopen(f"http://{config.host}:{config.metrics_port}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    return next(float(line.split()[-1]) for line in body.splitlines() if line.startswith(series + " "))
+
+
+def kv_blocks_used(deployment) -> float:
+    return metric(deployment, "dvd_kv_cache_used_blocks")
+
+
+def wait_for_kv_blocks(deployment, condition, timeout_s: float = WAIT_S) -> float:
+    """Poll the KV gauge until `condition(value)` holds; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        used = kv_blocks_used(deployment)
+        if condition(used):
+            return used
+        if time.monotonic() > deadline:
+            raise AssertionError(f"KV blocks used stayed at {used} for {timeout_s} s")
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs) -> Reference:
+    return Reference(tiny_dirs["hf"], torch.float32)
+
+
+def _conversations() -> list[list[dict]]:
+    coffee, astronaut, chelsea, rocket = (photo_bytes(n) for n in ("coffee", "astronaut", "chelsea", "rocket"))
+    user = lambda *parts: {"role": "user", "content": list(parts)}  # noqa: E731
+    return [
+        [user(img(coffee), text("What is in this image?"))],  # 1807 prompt tokens
+        [user(img(astronaut), img(chelsea), text("Compare the two images."))],
+        [user(text("Tell me a short story about a lighthouse."))],
+        [
+            user(img(rocket), text("Describe the picture.")),
+            {"role": "assistant", "content": [text("A rocket on a launch pad.")]},
+            user(text("What colour is it?")),
+        ],
+        [user(img(astronaut), text("Who is this?"))],
+        [user(text("Name three colours."))],
+    ]
+
+
+def test_concurrent_requests_equal_transformers_generate(tight, client_for, reference):
+    conversations = _conversations()
+    client = client_for(tight)
+    params = sampling(max_new_tokens=MAX_NEW_TOKENS)
+    with ThreadPoolExecutor(len(conversations)) as pool:
+        futures = [pool.submit(client.generate, to_messages(c), params) for c in conversations]
+        results = [f.result(timeout=WAIT_S * 3) for f in futures]
+    for conversation, result in zip(conversations, results):
+        assert list(result.token_ids) == reference.generate(conversation, MAX_NEW_TOKENS)
+
+
+def test_client_that_disconnects_mid_stream_frees_its_blocks(tight, client_for):
+    client = client_for(tight)
+    conversation = _conversations()[4]
+    stream = client.stream(to_messages(conversation), sampling(**LONG))
+    deltas = [next(stream) for _ in range(3)]
+    assert all(d.HasField("delta") for d in deltas)
+    assert kv_blocks_used(tight) > 0  # the request holds blocks while it streams
+    stream.cancel()
+    with pytest.raises(grpc.RpcError) as info:
+        list(stream)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    wait_for_kv_blocks(tight, lambda used: used == 0)
+
+
+def test_deadline_mid_generation_frees_blocks_and_others_finish(tight, client_for, reference):
+    client = client_for(tight)
+    doomed = pb.GenerateRequest(messages=to_messages(_conversations()[1]), sampling=sampling(**LONG))
+    survivor = _conversations()[2]
+    with ThreadPoolExecutor(2) as pool:
+        cut = pool.submit(client.stub.GenerateUnary, doomed, timeout=3.0)
+        kept = pool.submit(client.generate, to_messages(survivor), sampling(max_new_tokens=MAX_NEW_TOKENS))
+        with pytest.raises(grpc.RpcError) as info:
+            cut.result(timeout=WAIT_S)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert list(kept.result(timeout=WAIT_S).token_ids) == reference.generate(survivor, MAX_NEW_TOKENS)
+    wait_for_kv_blocks(tight, lambda used: used == 0)
+
+
+def test_kv_metrics_describe_the_configured_pool(tight, client_for):
+    client_for(tight).generate(to_messages(_conversations()[5]), sampling(max_new_tokens=2))
+    assert metric(tight, "dvd_kv_cache_blocks") == 160
+    assert metric(tight, "dvd_kv_cache_usage") == 0.0
+    assert metric(tight, "dvd_engine_preemptions_total") >= 0
