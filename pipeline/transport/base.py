@@ -9,8 +9,13 @@ A backend provides a `FeatureSender` and a `FeatureReceiver`. Primitives:
   to a receiver's address, or raise TransportError within the send timeout;
 * `close()` on both.
 
-Headers are serialized `dvd.v1.FeatureHeader` messages; payloads are raw tensor bytes that
-are never pickled or wrapped in protobuf. Senders and receivers are used from one thread each.
+Headers are serialized `dvd.v1.FeatureHeader` messages, opaque to the transport; payloads
+are raw tensor bytes that are never pickled or wrapped in protobuf. Senders and receivers
+are used from one thread each; `ReceivedFrame.release()` may be called from any thread.
+
+Backends (registered in `__init__.py`): `tcp` sends the payload inline over ZMQ; `shm` and
+`nixl` send a small handle over the same ZMQ socket and keep the payload in shared or
+registered memory, which is reclaimed on release, when dropped, or after a timeout.
 """
 
 from __future__ import annotations

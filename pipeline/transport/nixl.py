@@ -98,7 +98,10 @@ class NixlSender(FeatureSender):
         if data.nbytes == 0:
             self._control.send(address, header, b"")
             return
-        buffer = self._pool.take(data.nbytes)
+        try:
+            buffer = self._pool.take(data.nbytes)
+        except Exception as exc:  # noqa: BLE001 - NIXL raises its own error types
+            raise TransportError(f"cannot register {data.nbytes} bytes with NIXL: {exc}") from exc
         if self._metadata_version != self._pool.version:
             self._metadata = self._agent.get_agent_metadata()
             self._metadata_version = self._pool.version

@@ -109,7 +109,10 @@ class ShmSender(FeatureSender):
             slot = min(free, key=lambda s: s.segment.capacity, default=None)
             if slot is None:
                 capacity = -(-nbytes // SEGMENT_ROUNDING) * SEGMENT_ROUNDING
-                slot = _Slot(Segment.create(f"{self._prefix}{next(_SEGMENT_NUMBERS)}", capacity))
+                try:
+                    slot = _Slot(Segment.create(f"{self._prefix}{next(_SEGMENT_NUMBERS)}", capacity))
+                except OSError as exc:
+                    raise TransportError(f"cannot allocate {capacity} bytes of shared memory: {exc}") from exc
                 self._slots.append(slot)
             slot.segment.state = SENT
             slot.sent_at = now

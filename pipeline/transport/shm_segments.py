@@ -77,7 +77,9 @@ class Segment:
         """Create and map a new segment (the name must not exist yet)."""
         fd = os.open(SHM_DIR / name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
-            os.ftruncate(fd, CONTROL_BYTES + capacity)
+            # Reserve the pages now: a full /dev/shm then fails here with ENOSPC instead of
+            # killing a writer or reader with SIGBUS later.
+            os.posix_fallocate(fd, 0, CONTROL_BYTES + capacity)
             mapping = mmap.mmap(fd, CONTROL_BYTES + capacity)
         except BaseException:
             os.unlink(SHM_DIR / name)

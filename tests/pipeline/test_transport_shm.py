@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from pipeline.config import TransportConfig
-from pipeline.transport import create_backend
+from pipeline.transport import TransportError, create_backend
 from pipeline.transport.shm import ShmReceiver, ShmSender, encode_handle
 from pipeline.transport.shm_segments import SHM_DIR, segment_prefix, sweep_stale_segments
 from pipeline.transport.tcp import TcpBackend
@@ -153,7 +153,7 @@ def test_a_handle_naming_a_file_outside_our_segments_is_refused(make_pair):
 CRASHING_SENDER = """
 import os, sys
 from pipeline.config import TransportConfig
-from pipeline.transport import create_backend
+from pipeline.transport import TransportError, create_backend
 sender = create_backend(TransportConfig(backend="shm")).sender()
 sender.send(sys.argv[1], b"header", bytes(range(256)) * 4096)
 print(sender.segment_names[0], flush=True)
@@ -192,4 +192,21 @@ def test_the_sweep_keeps_segments_of_live_processes(make_pair):
     got = receive(receiver)
     assert sweep_stale_segments() == []
     assert our_segments() == sender.segment_names
+    got.release()
+
+
+def test_a_full_dev_shm_fails_the_send_and_leaves_no_file(make_pair, monkeypatch):
+    sender, receiver = make_pair()
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("pipeline.transport.shm_segments.os.posix_fallocate", no_space)
+    with pytest.raises(TransportError, match="cannot allocate .* bytes of shared memory"):
+        send_features(sender, receiver, 0)
+    assert our_segments() == [] and sender.segment_names == []
+    monkeypatch.undo()
+    tensor = send_features(sender, receiver, 1)  # works again once there is room
+    got = receive(receiver)
+    assert torch.equal(got.tensor, tensor)
     got.release()
