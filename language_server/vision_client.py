@@ -3,8 +3,11 @@
 With several vision servers (replicas), each job goes to the reachable one with the fewest
 outstanding tiles (estimated from the image header and the tiling grid). A replica is
 treated as down when it does not take a job within the send timeout, or leaves a job
-unanswered for `vision.replica_timeout_s`; the job is then sent to another replica, and the
-replica is skipped for a while. Whichever answer to a job arrives first is used.
+unanswered for `vision.replica_timeout_s` and then fails a health check (a busy replica
+still answers it; a hung or dead one does not; replicas named in `language.vision_servers`
+have no known health address and count as down on the timeout alone). The job is then
+sent to another replica, and the replica is skipped for a while. Whichever answer to a job
+arrives first is used.
 """
 
 from __future__ import annotations
@@ -16,6 +19,9 @@ import time
 import uuid
 from dataclasses import dataclass, field, replace
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from language_server.tile_estimate import image_tiles, most_tiles, video_tiles
 from pipeline.channels import PushChannel
 from pipeline.config import DvDConfig
@@ -26,15 +32,26 @@ from pipeline.wire import Features, JobStatus, VisionJob, WireError, decode_feat
 log = logging.getLogger(__name__)
 POLL_S = 0.1
 DOWN_S = 10.0  # a replica that failed a job is skipped this long
+PROBE_S = 2.0  # a health check that takes longer counts as failed
 
 
 @dataclass
 class _Replica:
     endpoint: str
     channel: PushChannel
+    health: grpc.Channel | None = None  # the replica's gRPC health service, when its address is known
     outstanding_tiles: int = 0
     down_until: float = 0.0  # time.monotonic(); skipped before this
     send_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answers_health_check(self) -> bool:
+        if self.health is None:
+            return False
+        try:
+            reply = health_pb2_grpc.HealthStub(self.health).Check(health_pb2.HealthCheckRequest(), timeout=PROBE_S)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 @dataclass
@@ -62,7 +79,10 @@ class VisionClient:
         self.timeout_s = config.language.vision_timeout_s
         self.replica_timeout_s = config.vision.replica_timeout_s
         self.endpoints = list(config.vision_endpoints)
-        self._replicas = [_Replica(e, PushChannel(f"tcp://{e}")) for e in self.endpoints]
+        self._replicas = [
+            _Replica(endpoint, PushChannel(f"tcp://{endpoint}"), _health_channel(config, i))
+            for i, endpoint in enumerate(self.endpoints)
+        ]
         lc = config.language
         self.receiver: FeatureReceiver = create_backend(config.transport).receiver(lc.host, lc.feature_port)
         self._pending: dict[str, _Pending] = {}
@@ -77,6 +97,8 @@ class VisionClient:
         self.receiver.close()
         for replica in self._replicas:
             replica.channel.close()
+            if replica.health is not None:
+                replica.health.close()
 
     def outstanding_tiles(self) -> dict[str, int]:
         """Estimated tiles sent to each endpoint and not yet answered."""
@@ -98,15 +120,9 @@ class VisionClient:
                 replica = await self._send(job.job_id, frame, pending, tried)
                 tried.add(replica.endpoint)
                 last_chance = len(tried) >= len(self._replicas)
-                remaining = deadline - loop.time()
-                try:
-                    features = await asyncio.wait_for(
-                        asyncio.shield(pending.future), remaining if last_chance else min(remaining, self.replica_timeout_s)
-                    )
-                except asyncio.TimeoutError:
-                    if last_chance or loop.time() >= deadline:
-                        raise DeadlineExceeded(f"no vision server answered within {self.timeout_s:g} s") from None
-                    self._mark_down(replica, f"left job {job.job_id} unanswered for {self.replica_timeout_s:g} s")
+                features = await self._answer(pending, replica, deadline, last_chance)
+                if features is None:
+                    self._mark_down(replica, f"left job {job.job_id} unanswered and failed a health check")
                     continue
                 if features.header.status == JobStatus.RESOURCE_EXHAUSTED and not last_chance:
                     pending.future = loop.create_future()
@@ -119,6 +135,22 @@ class VisionClient:
                 self._assign(pending, None)
             if not claimed:  # features that arrive for an abandoned job go back to the transport
                 pending.future.add_done_callback(_release_unclaimed)
+
+    async def _answer(self, pending: _Pending, replica: _Replica, deadline: float, last_chance: bool) -> Features | None:
+        """The job's answer, or None when `replica` left it unanswered for replica_timeout_s and then
+        failed a health check. On the last replica only the overall deadline applies."""
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(f"no vision server answered within {self.timeout_s:g} s")
+            try:
+                wait = remaining if last_chance else min(remaining, self.replica_timeout_s)
+                return await asyncio.wait_for(asyncio.shield(pending.future), wait)
+            except asyncio.TimeoutError:
+                pass
+            if not last_chance and not await asyncio.to_thread(replica.answers_health_check):
+                return None
 
     async def _send(self, job_id: str, frame: bytes, pending: _Pending, tried: set[str]) -> _Replica:
         """Hand the job to the best replica that takes it; Unavailable if none does."""
@@ -190,6 +222,14 @@ class VisionClient:
                 frame.release()
                 result = InternalError(f"malformed features from {source}: {exc}")
             pending.loop.call_soon_threadsafe(_resolve, pending.future, result)
+
+
+def _health_channel(config: DvDConfig, index: int) -> grpc.Channel | None:
+    """A channel to replica `index`'s health service when the endpoints come from the vision section."""
+    if config.language.vision_servers:
+        return None
+    vc = config.vision
+    return grpc.insecure_channel(f"{vc.host}:{vc.grpc_port + index}")
 
 
 def _checked(features: Features) -> Features:

@@ -100,7 +100,7 @@ class VisionConfig:
     max_queued_jobs: int = 256  # jobs waiting beyond this are answered RESOURCE_EXHAUSTED
     vir_mode: Literal["router", "all_256", "all_64"] = "router"  # ViR on -Flash checkpoints
     feature_cache_bytes: int = 256 * 1024 * 1024  # LRU cache of features by image bytes; 0 = off
-    replica_timeout_s: float = 30.0  # language side: a job a replica leaves unanswered this long goes to another
+    replica_timeout_s: float = 30.0  # language side: a job unanswered this long goes to another replica unless its own is healthy
 
     def check(self) -> None:
         _positive(self, "max_batch_tiles", "replicas", "preprocess_workers", "max_queued_jobs", "replica_timeout_s")

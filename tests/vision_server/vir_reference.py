@@ -6,6 +6,12 @@ blocks, softmax), the quantile and absolute thresholds over all tiles of the cal
 projections for every tile, a prompt with 256 <IMG_CONTEXT> per tile from which positions
 64..255 of each compressed tile's block are deleted, and generation from the embeddings.
 Nothing here imports the vision server.
+
+One deliberate difference is selectable: the released code takes the quantile over all tiles
+of one `generate` call, i.e. over every image of a request, while DvD routes each image (one
+vision job) on its own, so that a job's features never depend on other jobs. With one image
+per request the two are the same; `quantile_per_image=True` applies DvD's scope to
+multi-image requests.
 """
 
 from __future__ import annotations
@@ -106,29 +112,36 @@ class ReleasedFlash:
         return torch.softmax(self.gate(x), dim=-1)
 
     @torch.inference_mode()
-    def compress_flags(self, pixel_values: torch.Tensor) -> list[bool]:
+    def compress_flags(self, pixel_values: torch.Tensor, groups: list[int]) -> list[bool]:
+        """Per-tile decisions; the quantile is taken over each group of consecutive tiles."""
         probs = self.gate_probabilities(self.vit_grid(pixel_values))[:, 0]
-        cut = torch.quantile(probs.to(torch.float32), self.relative)
-        return ((probs > cut) & (probs >= self.absolute)).tolist()
+        flags: list[bool] = []
+        for group in probs.split(groups):
+            cut = torch.quantile(group.to(torch.float32), self.relative)
+            flags += ((group > cut) & (group >= self.absolute)).tolist()
+        return flags
 
     @torch.inference_mode()
-    def prompt_and_embeddings(self, conversation: list[dict]) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
+    def prompt_and_embeddings(
+        self, conversation: list[dict], quantile_per_image: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, list[bool]]:
         """(input_ids, inputs_embeds, per-tile compress flags) after the released token deletion."""
         inputs = self.reference.inputs(conversation)
         input_ids = inputs["input_ids"][0]
         embeds = self.model.get_input_embeddings()(input_ids)
         pixel_values = inputs["pixel_values"]
         grid = self.vit_grid(pixel_values)
-        flags = self.compress_flags(pixel_values)
+        is_context = (input_ids == IMG_CONTEXT_ID).int()
+        edges = torch.diff(torch.cat([torch.tensor([0]), is_context, torch.tensor([0])]))
+        starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0]
+        image_tiles = [(end - start) // 256 for start, end in zip(starts.tolist(), ends.tolist())]
+        flags = self.compress_flags(pixel_values, image_tiles if quantile_per_image else [sum(image_tiles)])
         features_256 = self.model.get_image_features(pixel_values=pixel_values).pooler_output
         shuffled = self.pixel_shuffle(grid, 0.25)
         features_64 = self.mlp2(shuffled.reshape(shuffled.shape[0], -1, shuffled.shape[-1]))
         selected = torch.cat([features_64[i] if f else features_256[i] for i, f in enumerate(flags)])
 
         keep = torch.ones(input_ids.shape[0], dtype=torch.bool)
-        is_context = (input_ids == IMG_CONTEXT_ID).int()
-        edges = torch.diff(torch.cat([torch.tensor([0]), is_context, torch.tensor([0])]))
-        starts, ends = (edges == 1).nonzero()[:, 0], (edges == -1).nonzero()[:, 0]
         tile = 0
         for start, end in zip(starts.tolist(), ends.tolist()):
             assert (end - start) % 256 == 0
@@ -141,9 +154,11 @@ class ReleasedFlash:
         return input_ids, embeds, flags
 
     @torch.inference_mode()
-    def generate(self, conversation: list[dict], max_new_tokens: int) -> tuple[list[int], int, list[bool]]:
+    def generate(
+        self, conversation: list[dict], max_new_tokens: int, quantile_per_image: bool = False
+    ) -> tuple[list[int], int, list[bool]]:
         """Greedy tokens, the prompt length after deletion, and the per-tile compress flags."""
-        input_ids, embeds, flags = self.prompt_and_embeddings(conversation)
+        input_ids, embeds, flags = self.prompt_and_embeddings(conversation, quantile_per_image)
         out = self.model.generate(
             inputs_embeds=embeds.unsqueeze(0),
             attention_mask=torch.ones(1, embeds.shape[0], dtype=torch.long),
