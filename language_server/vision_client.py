@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from language_server.tile_estimate import image_tiles, most_tiles, video_tiles
 from pipeline.channels import PushChannel
 from pipeline.config import DvDConfig
-from pipeline.errors import DeadlineExceeded, InternalError, InvalidRequest, ResourceExhausted, Unavailable
+from pipeline.errors import DeadlineExceeded, InternalError, Unavailable
 from pipeline.transport import FeatureReceiver, create_backend
 from pipeline.wire import Features, JobStatus, VisionJob, WireError, decode_features, decode_header
 
@@ -128,7 +128,8 @@ class VisionClient:
                     pending.future = loop.create_future()
                     continue
                 claimed = True
-                return _checked(features)
+                features.header.raise_for_status()
+                return features
         finally:
             with self._lock:
                 self._pending.pop(job.job_id, None)
@@ -230,20 +231,6 @@ def _health_channel(config: DvDConfig, index: int) -> grpc.Channel | None:
         return None
     vc = config.vision
     return grpc.insecure_channel(f"{vc.host}:{vc.grpc_port + index}")
-
-
-def _checked(features: Features) -> Features:
-    """The features when the job succeeded; otherwise the DvDError its status maps to."""
-    header = features.header
-    if header.status == JobStatus.OK:
-        return features
-    if header.status == JobStatus.INVALID_INPUT:
-        raise InvalidRequest(header.error_message)
-    if header.status == JobStatus.RESOURCE_EXHAUSTED:
-        raise ResourceExhausted(f"vision servers busy: {header.error_message}")
-    if header.status == JobStatus.DEADLINE_EXCEEDED:
-        raise DeadlineExceeded(f"vision job expired: {header.error_message}")
-    raise InternalError(f"vision server failed: {header.error_message}")
 
 
 def _release_unclaimed(future: asyncio.Future) -> None:

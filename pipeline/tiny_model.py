@@ -6,8 +6,7 @@ InternVL special tokens at their real ids. Generated deterministically on first 
 a cache directory; its text is meaningless, every other part of the system is real.
 
 A third directory, `flash`, holds the same model as an InternVL3.5-Flash checkpoint in the
-original format: the ViR router (`pooling_before_gating`, `gating`) and the 64-token
-projector (`mlp2`) are added, and `flash_mode` with its thresholds is set in config.json.
+original format, with the ViR router added (pipeline/tiny_flash.py).
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import shutil
 from pathlib import Path
 
@@ -23,9 +21,6 @@ import torch
 
 TINY_VERSION = 3
 FORMATS = ("hf", "original", "flash")
-# ViR thresholds of the tiny Flash model: compress tiles above the request's median score.
-FLASH_RELATIVE_THRESHOLD = 0.5
-FLASH_ABSOLUTE_THRESHOLD = 0.3
 
 # Qwen2.5 special tokens from 151643 on, then InternVL's own (<img> = 151665 ...).
 SPECIAL_TOKENS = [
@@ -214,6 +209,7 @@ def generate(root: Path, seed: int = 0) -> None:
     from safetensors.torch import save_file
 
     from pipeline.checkpoint import hf_to_original
+    from pipeline.tiny_flash import write_flash
 
     tokenizer = build_tokenizer()
     model = build_model(seed)
@@ -232,74 +228,8 @@ def generate(root: Path, seed: int = 0) -> None:
     tokenizer.save_pretrained(original_dir)
     (original_dir / "config.json").write_text(json.dumps(_original_config(model.config), indent=2))
 
-    flash_dir = root / "flash"
-    flash_dir.mkdir(parents=True)
-    flash = {**hf_to_original(state), **flash_tensors(model.config, seed)}
-    save_file(flash, flash_dir / "model.safetensors", metadata={"format": "pt"})
-    tokenizer.save_pretrained(flash_dir)
-    flash_config = {
-        **_original_config(model.config),
-        "flash_mode": True,
-        "flash_relative_threshold": FLASH_RELATIVE_THRESHOLD,
-        "flash_absolute_threshold": FLASH_ABSOLUTE_THRESHOLD,
-    }
-    (flash_dir / "config.json").write_text(json.dumps(flash_config, indent=2))
+    write_flash(root / "flash", hf_to_original(state), _original_config(model.config), tokenizer, seed)
 
-
-def flash_tensor_shapes(vit_hidden: int, llm_hidden: int) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the Flash-only tensors in the original format (shared/specs/vir.md)."""
-    c, h = vit_hidden, llm_hidden
-    shapes: dict[str, tuple[int, ...]] = {}
-
-    def linear(name: str, out_features: int, in_features: int) -> None:
-        shapes[f"{name}.weight"] = (out_features, in_features)
-        shapes[f"{name}.bias"] = (out_features,)
-
-    def norm(name: str, dim: int) -> None:
-        shapes[f"{name}.weight"] = (dim,)
-        shapes[f"{name}.bias"] = (dim,)
-
-    norm("mlp2.0", 16 * c)
-    linear("mlp2.1", 2 * h, 16 * c)
-    linear("mlp2.4", 2 * h, 2 * h)
-    linear("mlp2.7", h, 2 * h)
-    shapes["pooling_before_gating.query_token"] = (1, c)
-    for i in range(1, 5):
-        shapes[f"pooling_before_gating.attn{i}.in_proj_weight"] = (3 * c, c)
-        shapes[f"pooling_before_gating.attn{i}.in_proj_bias"] = (3 * c,)
-        linear(f"pooling_before_gating.attn{i}.out_proj", c, c)
-        norm(f"pooling_before_gating.norm{i}", c)
-    for i in range(1, 5):
-        linear(f"gating.block{i}.0", 4 * c, c)
-        linear(f"gating.block{i}.3", c, 4 * c)
-        norm(f"gating.block{i}.5", c)
-    norm("gating.gate.0", c)
-    linear("gating.gate.1", 2, c)
-    return shapes
-
-
-def flash_tensors(config, seed: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic Flash weights: unit norms and 1/sqrt(fan_in) projections. Tile scores then
-    spread around 0.4-0.9 on photos, so the median cut compresses about half of a photo's tiles."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    shapes = flash_tensor_shapes(config.vision_config.hidden_size, config.text_config.hidden_size)
-    tensors = {}
-    for name, shape in shapes.items():
-        if _FLASH_NORM.match(name):
-            value = torch.ones(shape) if name.endswith("weight") else torch.zeros(shape)
-        elif name.endswith("query_token"):
-            value = torch.randn(shape, generator=generator)
-        elif name.endswith("bias"):
-            value = torch.randn(shape, generator=generator) * 0.02
-        else:
-            fan_in = shape[1]
-            value = torch.randn(shape, generator=generator) / fan_in**0.5
-        tensors[name] = value.contiguous()
-    tensors["gating.gate.1.bias"] = torch.zeros(2)
-    return tensors
-
-
-_FLASH_NORM = re.compile(r"^(mlp2\.0|pooling_before_gating\.norm\d|gating\.block\d\.5|gating\.gate\.0)\.")
 
 
 def _original_config(config) -> dict:

@@ -1,8 +1,11 @@
 """ViR, the visual resolution router of InternVL3.5-Flash (see shared/specs/vir.md).
 
 Each tile's ViT grid is pooled by cross-attention, scored by a small gating MLP, and the
-request's tiles whose score clears both a per-request quantile and an absolute threshold
-are compressed from 256 to 64 tokens (pixel shuffle 0.25 followed by `mlp2`).
+tiles of one job (an image, or all frames of a video) whose score clears both the job's
+quantile and an absolute threshold are compressed from 256 to 64 tokens (pixel shuffle
+0.25 followed by `mlp2`). Taking the quantile per job keeps a job's features independent of
+the other jobs in its batch; the released code pools it over all images of one `generate`
+call, which is the same for single-image requests.
 
 The module layouts mirror the released checkpoints' `nn.Sequential` indices, so their
 `state_dict()` keys are exactly the original-format names.
@@ -99,9 +102,9 @@ class Thresholds:
 
 
 def compress_decisions(scores: torch.Tensor, thresholds: Thresholds) -> list[bool]:
-    """Which tiles of ONE request are compressed to 64 tokens, from each tile's first gate probability.
+    """Which tiles of one job are compressed to 64 tokens, from each tile's first gate probability.
 
-    A tile is compressed when its score exceeds the request's `relative` quantile of scores
+    A tile is compressed when its score exceeds the job's `relative` quantile of scores
     (torch.quantile in float32) and is at least `absolute`.
     """
     scores = scores.float().reshape(-1)
@@ -110,7 +113,7 @@ def compress_decisions(scores: torch.Tensor, thresholds: Thresholds) -> list[boo
 
 
 def compressed_tiles(mode: TokenMode, scores: torch.Tensor | None, thresholds: Thresholds | None, tiles: int) -> list[bool]:
-    """Which tiles of one request are compressed to 64 tokens under a routing mode."""
+    """Which tiles of one job are compressed to 64 tokens under a routing mode."""
     if mode == "all_256":
         return [False] * tiles
     if mode == "all_64":
