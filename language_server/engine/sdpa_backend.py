@@ -106,14 +106,15 @@ class SdpaBackend:
 def _sdpa(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool, scaling: float
 ) -> torch.Tensor:
-    """SDPA on [B, heads, Lq, D] x [B, kv_heads, Lk, D]; grouped-query heads are expanded only when a
-    mask is given (masked GQA would push CUDA onto the slow math kernel)."""
+    """SDPA on [B, heads, Lq, D] x [B, kv_heads, Lk, D]. On CUDA, grouped-query heads are expanded
+    when a mask is given: masked GQA there would fall back to the slow math kernel."""
     groups = q.shape[1] // k.shape[1]
-    if groups > 1 and mask is not None:
+    expand = groups > 1 and mask is not None and q.device.type == "cuda"
+    if expand:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     return F.scaled_dot_product_attention(
         q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, is_causal=is_causal, scale=scaling,
-        enable_gqa=groups > 1 and mask is None,
+        enable_gqa=groups > 1 and not expand,
     )
 
 
