@@ -34,6 +34,7 @@ class ServerProcess:
     log_path: Path | None = None
     process: subprocess.Popen | None = None
     _log_file: IO[bytes] | None = field(default=None, repr=False)
+    _terminated: bool = field(default=False, repr=False)
 
     def start(self, env: dict[str, str]) -> None:
         output: Any = None
@@ -53,9 +54,16 @@ class ServerProcess:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def stop(self, timeout_s: float) -> None:
-        if self.alive:
+    def terminate(self) -> None:
+        """Ask the process to shut down (once; a second SIGTERM could cut its clean-up short)."""
+        if self.alive and not self._terminated:
+            self._terminated = True
             self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout_s: float) -> None:
+        """Terminate and wait; SIGKILL if it is still running after timeout_s."""
+        self.terminate()
+        if self.process is not None:
             try:
                 self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
@@ -150,8 +158,7 @@ class Deployment:
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every server, then SIGKILL whatever is left after the timeout."""
         for server in reversed(self.servers):
-            if server.alive:
-                server.process.send_signal(signal.SIGTERM)
+            server.terminate()
         for server in reversed(self.servers):
             server.stop(timeout_s)
 
