@@ -166,8 +166,8 @@ class Engine:
 
     def _admit(self, seq: Sequence) -> bool:
         """Right before a waiting sequence is first scheduled (or rescheduled after preemption):
-        run its `prepare` hook once and check that it can run at all."""
-        seq.mark_scheduled()
+        run its `prepare` hook once and check that it can run at all. Time spent in `prepare`
+        counts as queueing, not prefill."""
         try:
             seq.run_prepare()
             self._check_runnable(seq)
@@ -175,6 +175,7 @@ class Engine:
             self._emit(seq, seq.fail(exc))
             self._sinks.pop(seq.request_id, None)
             return False
+        seq.mark_scheduled()
         return True
 
     def _check_runnable(self, seq: Sequence) -> None:
