@@ -52,19 +52,14 @@ class AttentionMetadata:
     kv_cache: KVCache
     backend: AttentionBackend
     slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    query_start: list[int]  # cumulative query lengths, len = num_seqs + 1
+    query_start: list[int]  # cumulative query lengths, one more entry than sequences
     context_lens: list[int]
     context_slots: list[torch.Tensor]
-    block_tables: list[list[int]]
     plan: object = None
 
     @property
     def query_lens(self) -> list[int]:
         return [b - a for a, b in zip(self.query_start, self.query_start[1:])]
-
-    @property
-    def num_seqs(self) -> int:
-        return len(self.context_lens)
 
 
 def paged_attention(
@@ -103,6 +98,8 @@ def use_paged_attention(causal_lm: nn.Module) -> None:
     if getattr(config, "use_sliding_window", False):
         raise ValueError("the paged engine does not support sliding-window attention (use_sliding_window: true)")
     causal_lm.set_attn_implementation(PAGED_ATTENTION)
+    if config._attn_implementation != PAGED_ATTENTION:
+        raise ValueError(f"{type(causal_lm).__name__} does not let the engine set its attention implementation")
 
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:

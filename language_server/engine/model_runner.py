@@ -81,7 +81,6 @@ class ModelRunner:
             query_start=query_start,
             context_lens=[c.stop for c in chunks],
             context_slots=context_slots,
-            block_tables=[list(c.seq.block_table) for c in chunks],
         )
         metadata.plan = self.backend.plan(metadata)
         return StepInputs(

@@ -68,7 +68,6 @@ def test_paged_attention_equals_dense_causal_attention(backend):
         query_start=query_start,
         context_lens=[p + n for p, n in SHAPES],
         context_slots=slots,
-        block_tables=tables,
     )
     meta.plan = backend.plan(meta)
     query = torch.randn(query_start[-1], HEADS, DIM, generator=generator)
