@@ -81,6 +81,17 @@ def drive(
     raise AssertionError(f"requests still unfinished after {MAX_STEPS} steps")
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread() -> Iterator[None]:
+    """Run each test on one torch thread. These models are tiny, and on a machine shared with
+    other test runs, idle OpenMP workers spin-waiting for busy cores cost far more than a second
+    thread gains."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def engine_lm(tiny_dirs) -> LanguageModel:
     """The tiny Qwen3 LLM in float32, loaded the way the language server loads it."""
