@@ -1,5 +1,5 @@
-"""Paged attention over scattered KV blocks equals plain causal attention, and the block pool
-accounts for every block."""
+"""Paged attention over scattered KV blocks equals plain causal attention; the block pool accounts
+for every block and is sized from the config."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import torch
 from language_server.engine.attention import AttentionMetadata
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.flash_backend import FlashAttentionBackend
-from language_server.engine.kv_cache import KVCache, KVCacheSpec
+from language_server.engine.kv_cache import KVCache, KVCacheSpec, plan_num_blocks
 from language_server.engine.sampling import SamplingParams
 from language_server.engine.sdpa_backend import SdpaBackend
 from language_server.engine.sequence import EngineRequest, Sequence
+from pipeline.config import LanguageConfig
 
 HEADS, KV_HEADS, DIM, BLOCK = 4, 2, 8, 4
 # (cached prefix, new queries) per sequence: whole prompts, chunks after a prefix, decodes.
@@ -103,3 +104,14 @@ def test_block_manager_grows_tables_and_takes_every_block_back():
     blocks.free(a)
     blocks.free(b)
     assert blocks.num_used == 0 and a.block_table == [] and b.block_table == []
+
+
+def test_pool_size_comes_from_num_kv_blocks_or_the_memory_fraction():
+    spec = KVCacheSpec(num_layers=2, num_kv_heads=2, head_dim=16, dtype=torch.float32)  # 512 bytes a token
+    cpu = torch.device("cpu")
+    assert plan_num_blocks(LanguageConfig(num_kv_blocks=123), spec, cpu) == 123
+    # A fraction of free RAM (gigabytes here) buys more than max_num_seqs full-length sequences can use.
+    config = LanguageConfig(max_num_seqs=4, max_model_len=1000, block_size=16, kv_cache_memory_fraction=0.5)
+    assert plan_num_blocks(config, spec, cpu) == 4 * 63
+    with pytest.raises(ValueError, match="kv_cache_memory_fraction"):
+        plan_num_blocks(LanguageConfig(kv_cache_memory_fraction=1e-12), spec, cpu)
