@@ -1,6 +1,7 @@
 """Request throughput of the batching engine against one-request-at-a-time transformers `generate`.
 
     python -m benchmarks.engine_throughput [--configs tiny small] [--requests 32] [--concurrency 8]
+        [--repeats 1] [--threads 0]
 
 The same requests run twice in one process: one at a time through the LLM's own `generate` on
 `inputs_embeds`, and through the Engine with `--concurrency` requests in flight (a new one is
@@ -136,34 +137,58 @@ def run_engine(engine: Engine, requests: list[Request], concurrency: int) -> tup
     return time.perf_counter() - start, tokens, steps
 
 
-def bench(name: str, count: int, concurrency: int, tokenizer) -> dict:
+def bench(name: str, count: int, concurrency: int, repeats: int, tokenizer) -> dict:
+    """`repeats` rounds of (generate, engine) on the same requests; the two alternate which goes
+    first so that drift in the machine's load hits both."""
     subject = load_subject(name)
     model = subject.model
     requests = workload(subject, count)
     warmup = workload(subject, 2, seed=1)
     for r in warmup:
         r.max_new_tokens = 4
-    run_generate(model, warmup)
-    generate_s, expected = run_generate(model, requests)
-
     config = LanguageConfig(num_kv_blocks=64 * concurrency, max_num_seqs=concurrency, dtype="float32")
-    engine = Engine(model, tokenizer, config)  # from here on the model runs the engine's paged attention
-    run_engine(engine, warmup, concurrency)
-    engine_s, got, steps = run_engine(engine, requests, concurrency)
-    output_tokens = sum(r.max_new_tokens for r in requests)
+
+    def generate_round() -> tuple[float, list[list[int]]]:
+        model.causal_lm.set_attn_implementation("sdpa")  # the engine switched it to paged attention
+        run_generate(model, warmup)
+        return run_generate(model, requests)
+
+    def engine_round() -> tuple[float, list[list[int]], int]:
+        engine = Engine(model, tokenizer, config)
+        run_engine(engine, warmup, concurrency)
+        return run_engine(engine, requests, concurrency)
+
+    rounds = []
+    for index in range(repeats):
+        if index % 2 == 0:
+            generate_s, expected = generate_round()
+            engine_s, got, steps = engine_round()
+        else:
+            engine_s, got, steps = engine_round()
+            generate_s, expected = generate_round()
+        rounds.append(
+            {
+                "generate_s": generate_s,
+                "engine_s": engine_s,
+                "engine_steps": steps,
+                "speedup": generate_s / engine_s,
+                "identical_tokens": sum(a == b for a, b in zip(expected, got)),
+            }
+        )
+    speedups = sorted(r["speedup"] for r in rounds)
+    median = rounds[[r["speedup"] for r in rounds].index(speedups[len(speedups) // 2])]
     return {
         "config": name,
         "requests": count,
         "concurrency": concurrency,
         "prompt_tokens": sum(len(r.prompt_ids) for r in requests),
-        "output_tokens": output_tokens,
-        "generate_s": generate_s,
-        "engine_s": engine_s,
-        "engine_steps": steps,
-        "generate_req_per_s": count / generate_s,
-        "engine_req_per_s": count / engine_s,
-        "speedup": generate_s / engine_s,
-        "identical_tokens": sum(a == b for a, b in zip(expected, got)),
+        "output_tokens": sum(r.max_new_tokens for r in requests),
+        "generate_req_per_s": count / median["generate_s"],
+        "engine_req_per_s": count / median["engine_s"],
+        "speedup": median["speedup"],
+        "speedup_range": [speedups[0], speedups[-1]],
+        "identical_tokens": min(r["identical_tokens"] for r in rounds),
+        "rounds": rounds,
     }
 
 
@@ -172,22 +197,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", default=["tiny", "small"], choices=["tiny", "small"])
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=1, help="rounds per config; the median round is reported")
     parser.add_argument(
-        "--threads", type=int, default=1,
-        help="torch CPU threads for both sides (default 1: on a shared machine, threads beyond the free cores "
-        "turn into spin-waits that swamp the comparison; 0 = torch's default)",
+        "--threads", type=int, default=0,
+        help="torch CPU threads for both sides (0 = torch's default, every core). On a machine busy with "
+        "other work use 1: threads beyond the free cores turn into spin-waits that swamp the comparison",
     )
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir("hf"))
-    rows = [bench(name, args.requests, args.concurrency, tokenizer) for name in args.configs]
+    rows = [bench(name, args.requests, args.concurrency, args.repeats, tokenizer) for name in args.configs]
 
     print(f"\n{'config':<8}{'requests':>9}{'conc.':>6}{'generate req/s':>16}{'engine req/s':>14}"
-          f"{'speedup':>9}{'same tokens':>13}")
+          f"{'speedup':>9}{'range':>14}{'same tokens':>13}")
     for r in rows:
+        low, high = r["speedup_range"]
         print(f"{r['config']:<8}{r['requests']:>9}{r['concurrency']:>6}{r['generate_req_per_s']:>16.3f}"
-              f"{r['engine_req_per_s']:>14.3f}{r['speedup']:>8.2f}x{r['identical_tokens']:>8}/{r['requests']}")
+              f"{r['engine_req_per_s']:>14.3f}{r['speedup']:>8.2f}x{low:>7.2f}-{high:.2f}x"
+              f"{r['identical_tokens']:>8}/{r['requests']}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"engine_throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
     machine = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform()}
