@@ -6,6 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS     ?= dev
 CONFIG     ?= configs/tiny.yaml
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: install proto serve test bench bench-vision bench-engine bench-transfer tiny clean
 
@@ -30,6 +31,19 @@ serve: proto
 
 test: proto
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Benchmarks (not tests): results go to benchmarks/results/ (git-ignored).
+bench: proto
+	$(BIN)/python -m benchmarks.bench $(BENCH_ARGS)
+
+bench-vision: proto
+	$(BIN)/python -m benchmarks.vision_throughput --vir $(BENCH_ARGS)
+
+bench-engine: proto
+	$(BIN)/python -m benchmarks.engine_throughput $(BENCH_ARGS)
+
+bench-transfer: proto
+	$(BIN)/python -m benchmarks.transfer $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

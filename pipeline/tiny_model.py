@@ -98,7 +98,16 @@ def cache_root() -> Path:
 
 def tiny_model_dir(format: str = "hf") -> Path:
     """Directory of the tiny model in one format ("hf", "original" or "flash"), generated if missing."""
-    root = cache_root() / f"tiny-internvl3_5-v{TINY_VERSION}"
+    if format not in FORMATS:
+        raise ValueError(f"tiny model format must be one of {FORMATS}, got {format!r}")
+    return random_model_dir(f"tiny-internvl3_5-v{TINY_VERSION}") / format
+
+
+def random_model_dir(
+    name: str, vision_config: dict | None = None, text_config: dict | None = None, formats: tuple[str, ...] = FORMATS
+) -> Path:
+    """A random InternVL checkpoint generated once into the cache (file-locked, written atomically)."""
+    root = cache_root() / name
     done = root / ".complete"
     if not done.exists():
         root.parent.mkdir(parents=True, exist_ok=True)
@@ -107,13 +116,11 @@ def tiny_model_dir(format: str = "hf") -> Path:
             if not done.exists():
                 staging = root.with_name(root.name + ".tmp")
                 shutil.rmtree(staging, ignore_errors=True)
-                generate(staging)
+                generate(staging, vision_config=vision_config, text_config=text_config, formats=formats)
                 shutil.rmtree(root, ignore_errors=True)
                 staging.rename(root)
                 (root / ".complete").touch()
-    if format not in FORMATS:
-        raise ValueError(f"tiny model format must be one of {FORMATS}, got {format!r}")
-    return root / format
+    return root
 
 
 def build_tokenizer():
@@ -147,13 +154,13 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(seed: int = 0):
-    """The tiny InternVLForConditionalGeneration with weights that make images matter."""
+def build_model(seed: int = 0, vision_config: dict | None = None, text_config: dict | None = None):
+    """A random InternVLForConditionalGeneration (tiny by default) with weights that make images matter."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration
 
     config = InternVLConfig(
-        vision_config=VISION_CONFIG,
-        text_config=TEXT_CONFIG,
+        vision_config=vision_config or VISION_CONFIG,
+        text_config=text_config or TEXT_CONFIG,
         image_token_id=IMG_CONTEXT_ID,
         image_seq_length=256,
         downsample_ratio=0.5,
@@ -204,31 +211,38 @@ def build_image_processor():
     )
 
 
-def generate(root: Path, seed: int = 0) -> None:
-    """Write the tiny model in HF-native (root/hf), original (root/original) and Flash (root/flash) formats."""
+def generate(
+    root: Path,
+    seed: int = 0,
+    vision_config: dict | None = None,
+    text_config: dict | None = None,
+    formats: tuple[str, ...] = FORMATS,
+) -> None:
+    """Write a random model in HF-native (root/hf), original (root/original) and Flash (root/flash) formats."""
     from safetensors.torch import save_file
 
     from pipeline.checkpoint import hf_to_original
     from pipeline.tiny_flash import write_flash
 
     tokenizer = build_tokenizer()
-    model = build_model(seed)
-    hf_dir, original_dir = root / "hf", root / "original"
-    hf_dir.mkdir(parents=True)
-    original_dir.mkdir(parents=True)
-
-    model.generation_config.eos_token_id = [151645, 151643]
-    model.generation_config.pad_token_id = 151643
-    model.save_pretrained(hf_dir, safe_serialization=True)
-    tokenizer.save_pretrained(hf_dir)
-    build_image_processor().save_pretrained(hf_dir)
-
+    model = build_model(seed, vision_config, text_config)
+    root.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(hf_to_original(state), original_dir / "model.safetensors", metadata={"format": "pt"})
-    tokenizer.save_pretrained(original_dir)
-    (original_dir / "config.json").write_text(json.dumps(_original_config(model.config), indent=2))
-
-    write_flash(root / "flash", hf_to_original(state), _original_config(model.config), tokenizer, seed)
+    if "hf" in formats:
+        hf_dir = root / "hf"
+        model.generation_config.eos_token_id = [151645, 151643]
+        model.generation_config.pad_token_id = 151643
+        model.save_pretrained(hf_dir, safe_serialization=True)
+        tokenizer.save_pretrained(hf_dir)
+        build_image_processor().save_pretrained(hf_dir)
+    if "original" in formats:
+        original_dir = root / "original"
+        original_dir.mkdir()
+        save_file(hf_to_original(state), original_dir / "model.safetensors", metadata={"format": "pt"})
+        tokenizer.save_pretrained(original_dir)
+        (original_dir / "config.json").write_text(json.dumps(_original_config(model.config), indent=2))
+    if "flash" in formats:
+        write_flash(root / "flash", hf_to_original(state), _original_config(model.config), tokenizer, seed)
 
 
 

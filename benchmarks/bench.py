@@ -1,0 +1,287 @@
+"""`make bench`: DvD against the colocated baseline, same workload, same machine, one run.
+
+Hardware comparisons (CPU thread budgets; `--llm-threads L --vision-threads V`):
+  (a) the paper's setup: the LLM gets L threads in both modes and DvD adds V vision threads
+      -> colocated with L threads vs DvD with V + L;
+  (b) equal totals -> colocated with V + L threads vs DvD with V + L.
+Loads: closed-loop concurrency at three image sizes (about 1, 5 and 10 tiles) and a fixed
+Poisson arrival rate at the middle size. Pipeline efficiency = DvD req/s divided by
+min(vision-only req/s, LLM-only req/s), each measured in the same run: vision-only sends the
+same images straight to the vision server; LLM-only sends text prompts of the same token
+length to the same language server. Writes JSON, Markdown and a PNG to benchmarks/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchmarks.load import LoadResult, run_load
+from benchmarks.models import bench_model
+from benchmarks.report import RESULTS, Progress, bar_plot, markdown_table, write_json
+from benchmarks.workloads import PROMPT, Workload, workloads
+from pipeline.client import message
+from pipeline.launch import Deployment
+from proto.dvd.v1 import generate_pb2 as pb
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+
+@dataclass
+class Setup:
+    name: str
+    mode: str
+    vision_threads: int
+    llm_threads: int
+
+    def overrides(self, model_path: str, dtype: str) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "model.path": model_path,
+            "vision.dtype": dtype,
+            "language.dtype": dtype,
+            "vision.threads": self.vision_threads,
+            "language.threads": self.llm_threads,
+            "vision.feature_cache_bytes": 0,  # every request pays for its images
+            "log_level": "warning",
+        }
+
+
+def _ports(index: int, base: int) -> dict[str, int]:
+    start = base + 20 * index
+    return {
+        "vision.job_port": start,
+        "vision.grpc_port": start + 1,
+        "vision.metrics_port": start + 2,
+        "language.grpc_port": start + 3,
+        "language.feature_port": start + 4,
+        "language.metrics_port": start + 5,
+    }
+
+
+def _run(deployment: Deployment, workload: Workload, total: int, label: str, **load: Any) -> LoadResult:
+    return asyncio.run(
+        run_load(deployment.address, workload.request, total, progress=Progress(total, label), **load)
+    )
+
+
+def _warm(deployment: Deployment, workload: Workload, count: int) -> None:
+    asyncio.run(run_load(deployment.address, workload.request, count, concurrency=count))
+
+
+def _text_twin(workload: Workload, prompt_tokens: int, tokenizer) -> Workload:
+    """Text-only requests with the same prompt length as the image requests (the LLM-only load)."""
+    filler = " ".join(["tile"] * prompt_tokens)
+    ids = tokenizer(filler)["input_ids"][: max(prompt_tokens - 20, 1)]
+    text = tokenizer.decode(ids)
+
+    class TextWorkload(Workload):
+        def request(self, index: int) -> pb.GenerateRequest:
+            return pb.GenerateRequest(
+                request_id=f"text-{index}",
+                messages=[message("user", f"{text} {PROMPT}")],
+                sampling=pb.SamplingParameters(max_new_tokens=self.output_tokens, temperature=0.0, ignore_eos=True),
+            )
+
+    return TextWorkload(workload.name + "-text", workload.side, (), workload.output_tokens)
+
+
+def _vision_only(deployment: Deployment, workload: Workload, total: int, concurrency: int) -> dict[str, float]:
+    """Jobs straight to the vision server (no LLM): jobs/s at the given concurrency."""
+    from language_server.vision_client import VisionClient, new_job_id
+    from pipeline.wire import VisionJob
+
+    config = deployment.config
+    receiver_port = deployment.config.language.feature_port + 10
+
+    async def run() -> dict[str, float]:
+        from dataclasses import replace
+
+        client = VisionClient(replace(config, language=replace(config.language, feature_port=receiver_port)), 0)
+        client.hidden_size = None
+        counter = iter(range(total))
+        progress = Progress(total, f"vision-only {workload.name}")
+        done = 0
+
+        async def worker() -> None:
+            nonlocal done
+            for index in counter:
+                job = VisionJob(job_id=new_job_id(), request_id=f"v{index}", kind="image",
+                                data=workload.images[index % len(workload.images)], reply_to="",
+                                max_tiles=config.images.max_tiles)
+                features = await client.encode(job)
+                features.release()
+                done += 1
+                progress(done)
+
+        started = time.perf_counter()
+        try:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            client.close()
+        wall = time.perf_counter() - started
+        return {"request_throughput": total / wall, "wall_s": wall}
+
+    return asyncio.run(run())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="small", help="bench model size: tiny | small | a local checkpoint path")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--llm-threads", type=int, default=1)
+    parser.add_argument("--vision-threads", type=int, default=1)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=24, help="requests per closed-loop run")
+    parser.add_argument("--output-tokens", type=int, default=32)
+    parser.add_argument("--sizes", default="448px,896px,1344px")
+    parser.add_argument("--rate-size", default="896px", help="image size of the fixed-rate run")
+    parser.add_argument("--port-base", type=int, default=46000)
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    model_path = bench_model(args.model)
+    loads = workloads(args.output_tokens, args.sizes.split(","))
+    total_threads = args.llm_threads + args.vision_threads
+    setups = [
+        Setup("dvd", "decoupled", args.vision_threads, args.llm_threads),
+        Setup("colocated-a", "colocated", 0, args.llm_threads),
+        Setup("colocated-b", "colocated", 0, total_threads),
+    ]
+    log_dir = RESULTS / "logs"
+    deployments: dict[str, Deployment] = {}
+    runs: list[dict[str, Any]] = []
+    try:
+        for index, setup in enumerate(setups):
+            overrides = {**setup.overrides(str(model_path), args.dtype), **_ports(index, args.port_base)}
+            print(f"starting {setup.name} ({setup.mode}, vision {setup.vision_threads} + llm {setup.llm_threads} threads)")
+            deployments[setup.name] = Deployment(BASE_CONFIG, overrides, log_dir=log_dir / setup.name).start(600)
+            _warm(deployments[setup.name], loads[0], 2)
+
+        closed: dict[tuple[str, str], dict[str, float]] = {}
+        for workload in loads:
+            for setup in setups:
+                result = _run(deployments[setup.name], workload, args.requests, f"{setup.name} {workload.name}",
+                              concurrency=args.concurrency)
+                closed[(setup.name, workload.name)] = result.summary()
+                runs.append({"setup": setup.name, "workload": workload.name, "load": f"closed-{args.concurrency}",
+                             **result.summary()})
+
+        rate_load = next(w for w in loads if w.name == args.rate_size)
+        colocated_rate = closed[("colocated-b", rate_load.name)]["request_throughput"]
+        dvd_rate = closed[("dvd", rate_load.name)]["request_throughput"]
+        rate = (colocated_rate + dvd_rate) / 2
+        for setup in setups:
+            result = _run(deployments[setup.name], rate_load, args.requests, f"{setup.name} @{rate:.2f} req/s", rate=rate)
+            runs.append({"setup": setup.name, "workload": rate_load.name, "load": f"rate-{rate:.2f}", **result.summary()})
+
+        efficiency = []
+        tokenizer = _tokenizer(model_path)
+        for workload in loads:
+            dvd = deployments["dvd"]
+            vision = _vision_only(dvd, workload, args.requests, args.concurrency)
+            prompt_tokens = _prompt_tokens(dvd, workload)
+            text = _text_twin(workload, prompt_tokens, tokenizer)
+            llm = _run(dvd, text, args.requests, f"llm-only {workload.name}", concurrency=args.concurrency).summary()
+            dvd_throughput = closed[("dvd", workload.name)]["request_throughput"]
+            bound = min(vision["request_throughput"], llm["request_throughput"])
+            efficiency.append({
+                "workload": workload.name,
+                "dvd_req_s": dvd_throughput,
+                "vision_only_req_s": vision["request_throughput"],
+                "llm_only_req_s": llm["request_throughput"],
+                "pipeline_efficiency": dvd_throughput / bound,
+            })
+    finally:
+        for deployment in deployments.values():
+            deployment.stop()
+
+    ratios = _ratios(closed, loads)
+    report = {
+        "args": vars(args),
+        "model": str(model_path),
+        "runs": runs,
+        "ratios": ratios,
+        "efficiency": efficiency,
+        "wall_s": time.perf_counter() - started,
+    }
+    path = write_json("bench", report)
+    markdown = _markdown(report)
+    path.with_suffix(".md").write_text(markdown)
+    _plot(path.with_suffix(".png"), closed, loads)
+    print(markdown)
+    print(f"\nwrote {path} (+ .md, .png) in {report['wall_s'] / 60:.1f} min")
+    return 0
+
+
+def _tokenizer(model_path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path)
+
+
+def _prompt_tokens(deployment: Deployment, workload: Workload) -> int:
+    from pipeline.client import DvDClient
+
+    with DvDClient(deployment.address) as client:
+        request = workload.request(0)
+        request.sampling.max_new_tokens = 1
+        return client.generate(list(request.messages), request.sampling).usage.prompt_tokens
+
+
+def _ratios(closed: dict, loads: list[Workload]) -> list[dict[str, Any]]:
+    rows = []
+    for workload in loads:
+        dvd = closed[("dvd", workload.name)]
+        for setup, label in (("colocated-a", "(a) same LLM threads"), ("colocated-b", "(b) equal total threads")):
+            base = closed[(setup, workload.name)]
+            rows.append({
+                "workload": workload.name,
+                "comparison": label,
+                "dvd_req_s": dvd["request_throughput"],
+                "colocated_req_s": base["request_throughput"],
+                "throughput_ratio": dvd["request_throughput"] / base["request_throughput"],
+                "dvd_ttft_p99_s": dvd["ttft_p99_s"],
+                "colocated_ttft_p99_s": base["ttft_p99_s"],
+                "ttft_p99_ratio": dvd["ttft_p99_s"] / base["ttft_p99_s"],
+            })
+    return rows
+
+
+def _markdown(report: dict[str, Any]) -> str:
+    runs = markdown_table(
+        report["runs"],
+        [("setup", "setup"), ("workload", "images"), ("load", "load"), ("completed", "ok"), ("errors", "errors"),
+         ("request_throughput", "req/s"), ("output_token_throughput", "out tok/s"), ("ttft_p50_s", "TTFT p50 s"),
+         ("ttft_p99_s", "TTFT p99 s"), ("e2e_p50_s", "e2e p50 s"), ("e2e_p99_s", "e2e p99 s")],
+    )
+    ratios = markdown_table(
+        report["ratios"],
+        [("workload", "images"), ("comparison", "comparison"), ("dvd_req_s", "DvD req/s"),
+         ("colocated_req_s", "colocated req/s"), ("throughput_ratio", "DvD/colocated"),
+         ("dvd_ttft_p99_s", "DvD TTFT p99"), ("colocated_ttft_p99_s", "colocated TTFT p99")],
+    )
+    efficiency = markdown_table(
+        report["efficiency"],
+        [("workload", "images"), ("dvd_req_s", "DvD req/s"), ("vision_only_req_s", "vision-only req/s"),
+         ("llm_only_req_s", "LLM-only req/s"), ("pipeline_efficiency", "efficiency")],
+    )
+    return f"## Runs\n\n{runs}\n\n## DvD vs colocated (closed loop)\n\n{ratios}\n\n## Pipeline efficiency\n\n{efficiency}\n"
+
+
+def _plot(path: Path, closed: dict, loads: list[Workload]) -> None:
+    groups = [w.name for w in loads]
+    series = {
+        setup: [closed[(setup, w.name)]["request_throughput"] for w in loads]
+        for setup in ("dvd", "colocated-a", "colocated-b")
+    }
+    bar_plot(path, "Request throughput, closed loop", groups, series, "requests / s")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
