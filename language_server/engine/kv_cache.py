@@ -84,4 +84,6 @@ class KVCache:
 
     def read(self, layer: int, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values at `slots` (any shape S): [*S, kv_heads, head_dim] each."""
-        return self.keys[layer][slots], self.values[layer][slots]
+        flat = slots.flatten()
+        shape = (*slots.shape, self.spec.num_kv_heads, self.spec.head_dim)
+        return self.keys[layer].index_select(0, flat).view(shape), self.values[layer].index_select(0, flat).view(shape)
