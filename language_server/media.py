@@ -9,6 +9,7 @@ token counts and hands the engine ready rows. The colocated baseline provides th
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -60,29 +61,60 @@ class LocalVision(Protocol):
     def close(self) -> None: ...
 
 
-def vision_jobs(req: GenerationRequest, config: DvDConfig) -> list[VisionJob]:
-    """One job per image or video of the request, in prompt order (reply_to is filled by the sender)."""
+def vision_jobs(req: GenerationRequest, config: DvDConfig, group_images: bool) -> list[VisionJob]:
+    """The jobs for a request's images and videos (reply_to is filled by the sender).
+
+    With `group_images` (ViR checkpoints) all images of the request travel as one job, so that
+    the router's quantile is taken over every tile of the request; otherwise one job per image.
+    """
     images = config.images
+    image_parts = [p for p in req.media if isinstance(p, ImagePart)]
+    grouped = group_images and len(image_parts) > 1
+    common = dict(request_id=req.request_id, reply_to="", min_tiles=images.min_tiles)
     jobs = []
+    if grouped:
+        items = tuple((p.data, p.max_tiles) for p in image_parts)
+        jobs.append(
+            VisionJob(job_id=new_job_id(), kind="image", data=b"", images=items, use_thumbnail=images.use_thumbnail,
+                      max_tiles=max(p.max_tiles for p in image_parts), **common)
+        )
     for part in req.media:
-        common = dict(job_id=new_job_id(), request_id=req.request_id, data=part.data, reply_to="")
-        if isinstance(part, ImagePart):
+        if isinstance(part, ImagePart) and not grouped:
             jobs.append(
-                VisionJob(kind="image", min_tiles=images.min_tiles, max_tiles=part.max_tiles,
+                VisionJob(job_id=new_job_id(), kind="image", data=part.data, max_tiles=part.max_tiles,
                           use_thumbnail=images.use_thumbnail, **common)
             )
         elif isinstance(part, VideoPart):
             jobs.append(
-                VisionJob(kind="video", min_tiles=1, max_tiles=part.max_tiles_per_frame, use_thumbnail=False,
-                          num_segments=part.num_segments, start_s=part.start_s, end_s=part.end_s, **common)
+                VisionJob(job_id=new_job_id(), kind="video", data=part.data, max_tiles=part.max_tiles_per_frame,
+                          use_thumbnail=False, num_segments=part.num_segments, start_s=part.start_s,
+                          end_s=part.end_s, **{**common, "min_tiles": 1})
             )
     return jobs
 
 
-def build_prompt(
-    prompts: PromptBuilder, req: GenerationRequest, headers: list[FeatureHeader], max_model_len: int
-) -> Prompt:
-    prompt = prompts.build(req.messages, [MediaLayout(h.tile_tokens, h.frame_tiles) for h in headers])
+def per_media(
+    req: GenerationRequest, jobs: list[VisionJob], answers: list[tuple[FeatureHeader, torch.Tensor]]
+) -> tuple[list[MediaLayout], torch.Tensor | None]:
+    """Layouts and feature rows in prompt order, splitting multi-image jobs back into images."""
+    images: deque[tuple[MediaLayout, torch.Tensor]] = deque()
+    videos: deque[tuple[MediaLayout, torch.Tensor]] = deque()
+    for job, (header, rows) in zip(jobs, answers):
+        if job.kind == "video":
+            videos.append((MediaLayout(header.tile_tokens, header.frame_tiles), rows))
+            continue
+        tile = row = 0
+        for count in header.frame_tiles or (len(header.tile_tokens),):
+            tokens = header.tile_tokens[tile : tile + count]
+            images.append((MediaLayout(tokens), rows[row : row + sum(tokens)]))
+            tile, row = tile + count, row + sum(tokens)
+    ordered = [images.popleft() if isinstance(p, ImagePart) else videos.popleft() for p in req.media]
+    layouts = [layout for layout, _ in ordered]
+    return layouts, torch.cat([rows for _, rows in ordered]) if ordered else None
+
+
+def build_prompt(prompts: PromptBuilder, req: GenerationRequest, layouts: list[MediaLayout], max_model_len: int) -> Prompt:
+    prompt = prompts.build(req.messages, layouts)
     if len(prompt.token_ids) >= max_model_len:
         raise InvalidRequest(f"the prompt is {len(prompt.token_ids)} tokens; max_model_len is {max_model_len}")
     return prompt
@@ -91,28 +123,32 @@ def build_prompt(
 class RemoteMedia:
     """Decoupled mode: vision servers encode, the transport delivers, then the engine runs."""
 
-    def __init__(self, client: VisionClient, prompts: PromptBuilder, config: DvDConfig, pipeline: Pipeline) -> None:
+    def __init__(
+        self, client: VisionClient, prompts: PromptBuilder, config: DvDConfig, pipeline: Pipeline, group_images: bool
+    ) -> None:
         self.client = client
         self.prompts = prompts
         self.config = config
         self.pipeline = pipeline
+        self.group_images = group_images
 
     async def engine_request(
         self, req: GenerationRequest, params: SamplingParams
     ) -> tuple[EngineRequest, MediaTrace]:
         trace = MediaTrace()
-        features = await self._encode(req, trace) if req.media else []
+        jobs = vision_jobs(req, self.config, self.group_images)
+        features = await self._encode(jobs, trace) if jobs else []
         headers = [f.header for f in features]
-        prompt = build_prompt(self.prompts, req, headers, self.config.language.max_model_len)
+        layouts, rows = per_media(req, jobs, [(f.header, f.tensor) for f in features])
+        prompt = build_prompt(self.prompts, req, layouts, self.config.language.max_model_len)
         trace.record(headers, prompt)
-        rows = torch.cat([f.tensor for f in features]) if features else None
         for f in features:
             f.release()
         return EngineRequest(req.request_id, prompt.token_ids, params, rows), trace
 
-    async def _encode(self, req: GenerationRequest, trace: MediaTrace) -> list[Features]:
+    async def _encode(self, jobs: list[VisionJob], trace: MediaTrace) -> list[Features]:
         async with self.pipeline.vision.enter() as waited:
-            tasks = [asyncio.ensure_future(self.client.encode(job)) for job in vision_jobs(req, self.config)]
+            tasks = [asyncio.ensure_future(self.client.encode(job)) for job in jobs]
             try:
                 features = list(await asyncio.gather(*tasks))
             except BaseException:

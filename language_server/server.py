@@ -80,7 +80,7 @@ async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVisio
     vision: VisionClient | None = None
     if local_vision is None:
         vision = VisionClient(config, model.hidden_size)
-        media: MediaStage = RemoteMedia(vision, prompts, config, pipeline)
+        media: MediaStage = RemoteMedia(vision, prompts, config, pipeline, group_images=checkpoint.is_flash)
         role, modules = "language", [model]
     else:
         media = local_vision.media_stage(prompts, pipeline)

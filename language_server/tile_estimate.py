@@ -12,7 +12,8 @@ import io
 
 from PIL import Image
 
-TILE_SIZE = 448
+from pipeline.tiling import most_tiles, tile_count
+
 _ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
 _EXIF_ORIENTATION = 0x0112
 
@@ -28,37 +29,12 @@ def image_size(data: bytes) -> tuple[int, int] | None:
     return (height, width) if orientation in _ROTATED else (width, height)
 
 
-def grid_tiles(
-    width: int, height: int, min_tiles: int, max_tiles: int, use_thumbnail: bool, tile_size: int = TILE_SIZE
-) -> int:
-    """Tiles of the closest-aspect grid with min_tiles..max_tiles cells, plus the thumbnail."""
-    grids = sorted(
-        ((c, r) for c in range(1, max_tiles + 1) for r in range(1, max_tiles + 1) if min_tiles <= c * r <= max_tiles),
-        key=lambda grid: grid[0] * grid[1],
-    )
-    if not grids:
-        return max(min_tiles, 1)
-    aspect, area = width / height, width * height
-    best, best_diff = grids[0], float("inf")
-    for cols, rows in grids:
-        diff = abs(aspect - cols / rows)
-        if diff < best_diff or (diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows):
-            best, best_diff = (cols, rows), diff
-    tiles = best[0] * best[1]
-    return tiles + 1 if use_thumbnail and tiles > 1 else tiles
-
-
-def most_tiles(max_tiles: int, use_thumbnail: bool) -> int:
-    """The largest tile count an image (or frame) may get."""
-    return max_tiles + 1 if use_thumbnail and max_tiles > 1 else max_tiles
-
-
 def image_tiles(data: bytes, min_tiles: int, max_tiles: int, use_thumbnail: bool) -> int | None:
     """Tiles of an encoded image, or None when its header cannot be read."""
     size = image_size(data)
     if size is None or min(size) < 1:
         return None
-    return grid_tiles(size[0], size[1], min_tiles, max_tiles, use_thumbnail)
+    return tile_count(size[0], size[1], min_tiles, max_tiles, use_thumbnail)
 
 
 def video_tiles(num_segments: int, max_tiles_per_frame: int, use_thumbnail: bool) -> int:

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from language_server.tile_estimate import image_tiles, most_tiles, video_tiles
+from language_server.tile_estimate import image_tiles, video_tiles
+from pipeline.tiling import most_tiles
 from pipeline.channels import PushChannel
 from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded, InternalError, Unavailable
@@ -66,8 +67,11 @@ def estimate_tiles(job: VisionJob) -> int:
     """Tiles the vision server will encode for a job (an upper bound when the header is unreadable)."""
     if job.kind == "video":
         return video_tiles(job.num_segments, job.max_tiles, job.use_thumbnail)
-    tiles = image_tiles(job.data, job.min_tiles, job.max_tiles, job.use_thumbnail)
-    return most_tiles(job.max_tiles, job.use_thumbnail) if tiles is None else tiles
+    total = 0
+    for data, max_tiles in job.image_items:
+        tiles = image_tiles(data, job.min_tiles, max_tiles, job.use_thumbnail)
+        total += most_tiles(max_tiles, job.use_thumbnail) if tiles is None else tiles
+    return total
 
 
 class VisionClient:

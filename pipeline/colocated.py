@@ -15,11 +15,9 @@ import signal
 import sys
 import time
 
-import torch
-
 from language_server.engine.sampling import SamplingParams
 from language_server.engine.sequence import EngineRequest, Prepared
-from language_server.media import MediaStage, MediaTrace, build_prompt, vision_jobs
+from language_server.media import MediaStage, MediaTrace, build_prompt, per_media, vision_jobs
 from language_server.prompt import PromptBuilder
 from language_server.request import GenerationRequest
 from pipeline.config import DvDConfig
@@ -44,7 +42,7 @@ class InlineMedia:
             prompt = build_prompt(self.prompts, req, [], max_len)
             trace.record([], prompt)
             return EngineRequest(req.request_id, prompt.token_ids, params), trace
-        jobs = vision_jobs(req, self.config)
+        jobs = vision_jobs(req, self.config, group_images=self.worker.router is not None)
         submitted = time.perf_counter()
 
         def prepare() -> Prepared:
@@ -52,14 +50,14 @@ class InlineMedia:
             answers = self.worker.encode(jobs)
             for header, _ in answers:
                 header.raise_for_status()
-            headers = [header for header, _ in answers]
-            prompt = build_prompt(self.prompts, req, headers, max_len)
-            trace.record(headers, prompt)
+            layouts, rows = per_media(req, jobs, answers)
+            prompt = build_prompt(self.prompts, req, layouts, max_len)
+            trace.record([header for header, _ in answers], prompt)
             finished = time.perf_counter()
             trace.spans.vision_queue = started - submitted
             trace.spans.vision_compute = finished - started
             trace.prepare_s = finished - submitted
-            return prompt.token_ids, torch.cat([rows for _, rows in answers])
+            return prompt.token_ids, rows
 
         return EngineRequest(req.request_id, [], params, prepare=prepare), trace
 

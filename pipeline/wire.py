@@ -75,6 +75,16 @@ class VisionJob:
     deadline_unix_s: float = 0.0
     sent_unix_s: float = 0.0
     vir_mode: VirMode = "config"
+    images: tuple[tuple[bytes, int], ...] = ()  # (data, max_tiles) of each image of a multi-image job
+
+    @property
+    def image_items(self) -> tuple[tuple[bytes, int], ...]:
+        """The (data, max_tiles) of every image this job carries (one for a single-image job)."""
+        return self.images or ((self.data, self.max_tiles),)
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data) + sum(len(data) for data, _ in self.images)
 
     def to_pb(self) -> pb.VisionJob:
         return pb.VisionJob(
@@ -94,6 +104,7 @@ class VisionJob:
             deadline_unix_s=self.deadline_unix_s,
             sent_unix_s=self.sent_unix_s,
             vir_mode=_VIR[self.vir_mode],
+            images=[pb.ImageItem(data=data, max_tiles=max_tiles) for data, max_tiles in self.images],
         )
 
     @classmethod
@@ -105,6 +116,10 @@ class VisionJob:
             raise WireError("job without job_id or reply_to")
         if msg.tiling.max_tiles < 1 or msg.tiling.min_tiles < 1 or msg.tiling.min_tiles > msg.tiling.max_tiles:
             raise WireError(f"job {msg.job_id!r}: bad tiling {msg.tiling.min_tiles}..{msg.tiling.max_tiles}")
+        if msg.images and (msg.kind != pb.MEDIA_KIND_IMAGE or msg.data):
+            raise WireError(f"job {msg.job_id!r}: a multi-image job is an image job without `data`")
+        if any(item.max_tiles < msg.tiling.min_tiles for item in msg.images):
+            raise WireError(f"job {msg.job_id!r}: an image's max_tiles is below min_tiles")
         modes = {code: name for name, code in _VIR.items()}
         return cls(
             job_id=msg.job_id,
@@ -121,6 +136,7 @@ class VisionJob:
             deadline_unix_s=msg.deadline_unix_s,
             sent_unix_s=msg.sent_unix_s,
             vir_mode=modes.get(msg.vir_mode, "config"),
+            images=tuple((item.data, item.max_tiles) for item in msg.images),
         )
 
     def encode(self) -> bytes:

@@ -33,6 +33,8 @@ class CachedFeatures:
 def cache_key(job: VisionJob, token_mode: str) -> str:
     """A digest of the media bytes and of the parameters that change the features."""
     digest = hashlib.sha256(job.data)
+    for data, max_tiles in job.images:
+        digest.update(hashlib.sha256(data).digest() + max_tiles.to_bytes(4, "little"))
     params = (
         job.kind,
         job.min_tiles,

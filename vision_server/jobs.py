@@ -8,14 +8,15 @@ data (a FeatureHeader status and message), never an exception that escapes the s
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from pipeline.config import DvDConfig
 from pipeline.wire import JobStatus, VisionJob
 from vision_server.feature_cache import CachedFeatures
-from vision_server.preprocess import ImageError, TilingParams, decode_image, find_grid, tile_image, to_pixel_values
+from pipeline.tiling import tile_count
+from vision_server.preprocess import ImageError, TilingParams, decode_image, tile_image, to_pixel_values
 from vision_server.video import VideoSampling, decode_video_frames
 from vision_server.vir import TokenMode
 
@@ -67,12 +68,13 @@ def check_parameters(job: VisionJob, config: DvDConfig) -> None:
     """Reject parameters outside the configured limits before any decoding."""
     images, video = config.images, config.video
     if job.kind == "image":
-        if job.max_tiles > images.max_tiles:
-            raise JobError(JobStatus.INVALID_INPUT, f"max_tiles {job.max_tiles} exceeds the server limit {images.max_tiles}")
-        if len(job.data) > images.max_image_bytes:
-            raise JobError(
-                JobStatus.INVALID_INPUT, f"image data is {len(job.data)} bytes, over the limit of {images.max_image_bytes}"
-            )
+        for data, max_tiles in job.image_items:
+            if max_tiles > images.max_tiles:
+                raise JobError(JobStatus.INVALID_INPUT, f"max_tiles {max_tiles} exceeds the server limit {images.max_tiles}")
+            if len(data) > images.max_image_bytes:
+                raise JobError(
+                    JobStatus.INVALID_INPUT, f"image data is {len(data)} bytes, over the limit of {images.max_image_bytes}"
+                )
         return
     if job.max_tiles > video.max_tiles_per_frame:
         raise JobError(
@@ -88,31 +90,33 @@ def check_parameters(job: VisionJob, config: DvDConfig) -> None:
 
 
 def load_pixels(job: VisionJob, config: DvDConfig, tile_size: int = 448) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Decode and tile a job's media: pixel values [T, 3, S, S] and, for videos, tiles per frame."""
+    """Decode and tile a job's media: pixel values [T, 3, S, S] and the tiles of each video frame
+    or of each image of a multi-image job (empty for a single image)."""
     check_parameters(job, config)
     tiling = tiling_of(job, tile_size)
     budget = config.images.max_tiles_per_request
     try:
         if job.kind == "image":
-            image = decode_image(job.data, config.images)
-            _check_budget(_tile_count(image.size, tiling), budget)
-            return to_pixel_values(tile_image(image, tiling), tile_size), ()
-        sampling = VideoSampling(job.num_segments, job.start_s, job.end_s)
-        frames = decode_video_frames(job.data, sampling, config.video, config.images)
-        tiles, frame_tiles = [], []
-        for frame in frames:
-            _check_budget(len(tiles) + _tile_count(frame.size, tiling), budget)
-            frame_cut = tile_image(frame, tiling)
-            tiles += frame_cut
-            frame_tiles.append(len(frame_cut))
-        return to_pixel_values(tiles, tile_size), tuple(frame_tiles)
+            pictures = [
+                (decode_image(data, config.images), replace(tiling, max_tiles=max_tiles))
+                for data, max_tiles in job.image_items
+            ]
+        else:
+            sampling = VideoSampling(job.num_segments, job.start_s, job.end_s)
+            pictures = [(frame, tiling) for frame in decode_video_frames(job.data, sampling, config.video, config.images)]
+        tiles, counts = [], []
+        for picture, picture_tiling in pictures:
+            _check_budget(len(tiles) + _tile_count(picture.size, picture_tiling), budget)
+            cut = tile_image(picture, picture_tiling)
+            tiles += cut
+            counts.append(len(cut))
+        return to_pixel_values(tiles, tile_size), tuple(counts) if len(counts) > 1 or job.kind == "video" else ()
     except ImageError as exc:
         raise JobError(JobStatus.INVALID_INPUT, str(exc)) from None
 
 
 def _tile_count(size: tuple[int, int], tiling: TilingParams) -> int:
-    cols, rows = find_grid(size[0], size[1], tiling.min_tiles, tiling.max_tiles, tiling.tile_size)
-    return cols * rows + (1 if tiling.use_thumbnail and cols * rows > 1 else 0)
+    return tile_count(size[0], size[1], tiling.min_tiles, tiling.max_tiles, tiling.use_thumbnail, tiling.tile_size)
 
 
 def _check_budget(tiles: int, budget: int) -> None:

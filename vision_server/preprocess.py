@@ -16,6 +16,8 @@ from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin
 
 from pipeline.config import ImageLimits
 
+from pipeline.tiling import find_grid
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -85,26 +87,6 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         return _to_rgb(image)
     except Exception as exc:
         raise ImageError(f"corrupt or truncated {fmt} image: {exc}") from None
-
-
-def find_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int = 448) -> tuple[int, int]:
-    """The (columns, rows) grid whose aspect ratio is closest to width/height.
-
-    Grids are tried by increasing tile count; on an exact tie the larger grid wins when the
-    image area exceeds half the grid's pixel area.
-    """
-    counts = range(1, max_tiles + 1)
-    grids = [(c, r) for c in counts for r in counts if min_tiles <= c * r <= max_tiles]
-    if not grids:
-        raise ValueError(f"no tile grid has between {min_tiles} and {max_tiles} tiles")
-    grids.sort(key=lambda grid: grid[0] * grid[1])  # stable: keeps columns-then-rows order within a count
-    aspect, area = width / height, width * height
-    best, best_diff = grids[0], float("inf")
-    for cols, rows in grids:
-        diff = abs(aspect - cols / rows)
-        if diff < best_diff or (diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows):
-            best, best_diff = (cols, rows), diff
-    return best
 
 
 def tile_image(image: Image.Image, params: TilingParams) -> list[Image.Image]:

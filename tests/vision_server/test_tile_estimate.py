@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from language_server.request import GenerationRequest
-from language_server.tile_estimate import grid_tiles, image_tiles, video_tiles
+from language_server.tile_estimate import image_tiles, video_tiles
+from pipeline.tiling import tile_count
 from language_server.vision_client import estimate_tiles
 from pipeline.client import image, message, video
 from pipeline.config import ImageLimits, load_config
@@ -35,7 +36,7 @@ def test_grid_rule_matches_the_vision_server_on_a_sweep():
             for height in sides:
                 cols, rows = find_grid(width, height, 1, max_tiles)
                 expected = cols * rows + (1 if cols * rows > 1 else 0)
-                assert grid_tiles(width, height, 1, max_tiles, use_thumbnail=True) == expected, (width, height)
+                assert tile_count(width, height, 1, max_tiles, use_thumbnail=True) == expected, (width, height)
 
 
 @pytest.mark.parametrize("name", ["coffee", "astronaut", "chelsea", "rocket", "camera"])

@@ -7,11 +7,9 @@ projections for every tile, a prompt with 256 <IMG_CONTEXT> per tile from which 
 64..255 of each compressed tile's block are deleted, and generation from the embeddings.
 Nothing here imports the vision server.
 
-One deliberate difference is selectable: the released code takes the quantile over all tiles
-of one `generate` call, i.e. over every image of a request, while DvD routes each image (one
-vision job) on its own, so that a job's features never depend on other jobs. With one image
-per request the two are the same; `quantile_per_image=True` applies DvD's scope to
-multi-image requests.
+The quantile is taken over all tiles of one `generate` call, i.e. over every image of a
+request, as released and as DvD does. `quantile_per_image=True` takes it per image instead,
+only so that tests can show a case in which the two scopes decide differently.
 """
 
 from __future__ import annotations

@@ -1,0 +1,37 @@
+"""InternVL's dynamic tiling rule, shared by the vision server (to cut tiles) and the language
+server (to estimate tiles from an image header without decoding it)."""
+
+from __future__ import annotations
+
+
+def find_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int = 448) -> tuple[int, int]:
+    """The (columns, rows) grid whose aspect ratio is closest to width/height.
+
+    Grids are tried by increasing tile count; on an exact tie the larger grid wins when the
+    image area exceeds half the grid's pixel area.
+    """
+    counts = range(1, max_tiles + 1)
+    grids = [(c, r) for c in counts for r in counts if min_tiles <= c * r <= max_tiles]
+    if not grids:
+        raise ValueError(f"no tile grid has between {min_tiles} and {max_tiles} tiles")
+    grids.sort(key=lambda grid: grid[0] * grid[1])  # stable: keeps columns-then-rows order within a count
+    aspect, area = width / height, width * height
+    best, best_diff = grids[0], float("inf")
+    for cols, rows in grids:
+        diff = abs(aspect - cols / rows)
+        if diff < best_diff or (diff == best_diff and area > 0.5 * tile_size * tile_size * cols * rows):
+            best, best_diff = (cols, rows), diff
+    return best
+
+
+def tile_count(
+    width: int, height: int, min_tiles: int, max_tiles: int, use_thumbnail: bool, tile_size: int = 448
+) -> int:
+    """Tiles an image of this size becomes: its grid, plus the thumbnail when the grid has several."""
+    cols, rows = find_grid(width, height, min_tiles, max_tiles, tile_size)
+    return cols * rows + (1 if use_thumbnail and cols * rows > 1 else 0)
+
+
+def most_tiles(max_tiles: int, use_thumbnail: bool) -> int:
+    """The largest tile count an image (or frame) may get."""
+    return max_tiles + 1 if use_thumbnail and max_tiles > 1 else max_tiles
