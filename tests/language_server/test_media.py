@@ -1,0 +1,48 @@
+"""Jobs for a request's media, and answers split back into prompt order."""
+
+from __future__ import annotations
+
+import torch
+
+from language_server.engine.sampling import SamplingParams
+from language_server.media import per_media, vision_jobs
+from language_server.request import ChatMessage, GenerationRequest, ImagePart, TextPart, VideoPart
+from pipeline.config import DvDConfig
+from pipeline.wire import FeatureHeader, VisionJob
+
+IMG_A, IMG_B = ImagePart(b"a", 6), ImagePart(b"b", 12)
+VIDEO = VideoPart(b"v", num_segments=2, max_tiles_per_frame=1)
+REQUEST = GenerationRequest(
+    "r", (ChatMessage("user", (IMG_A, VIDEO, IMG_B, TextPart("?"))),), SamplingParams(max_new_tokens=1)
+)
+
+
+def test_one_job_per_medium_without_vir():
+    jobs = vision_jobs(REQUEST, DvDConfig(), group_images=False)
+    assert [(j.kind, j.data, j.max_tiles) for j in jobs] == [("image", b"a", 6), ("video", b"v", 1), ("image", b"b", 12)]
+    assert len({j.job_id for j in jobs}) == 3
+
+
+def test_vir_groups_the_images_of_a_request_into_one_job():
+    jobs = vision_jobs(REQUEST, DvDConfig(), group_images=True)
+    assert [j.kind for j in jobs] == ["image", "video"]
+    assert jobs[0].images == ((b"a", 6), (b"b", 12)) and jobs[0].data == b""
+    assert VisionJob.decode(jobs[0].encode()) == jobs[0]
+    single = GenerationRequest("s", (ChatMessage("user", (IMG_A,)),), SamplingParams())
+    assert vision_jobs(single, DvDConfig(), group_images=True)[0].data == b"a"
+
+
+def _answer(job: VisionJob, tile_tokens: tuple[int, ...], frame_tiles: tuple[int, ...], first_row: float):
+    rows = torch.arange(sum(tile_tokens), dtype=torch.float32)[:, None] + first_row
+    return FeatureHeader(job.job_id, "r", tile_tokens=tile_tokens, frame_tiles=frame_tiles), rows
+
+
+def test_answers_are_split_back_in_prompt_order():
+    jobs = vision_jobs(REQUEST, DvDConfig(), group_images=True)
+    grouped = _answer(jobs[0], (256, 64, 64), (1, 2), first_row=0)  # image a: 1 tile; image b: 2 tiles
+    video = _answer(jobs[1], (256, 256), (1, 1), first_row=1000)
+    layouts, rows = per_media(REQUEST, jobs, [grouped, video])
+    assert [layout.tile_tokens for layout in layouts] == [(256,), (256, 256), (64, 64)]
+    assert layouts[1].frame_tiles == (1, 1)
+    expected = torch.cat([grouped[1][:256], video[1], grouped[1][256:]])
+    assert torch.equal(rows, expected)
