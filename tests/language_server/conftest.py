@@ -3,6 +3,7 @@ checked to be empty after every test."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
@@ -81,15 +82,22 @@ def drive(
     raise AssertionError(f"requests still unfinished after {MAX_STEPS} steps")
 
 
-@pytest.fixture(autouse=True)
+@contextmanager
 def one_torch_thread() -> Iterator[None]:
-    """Run each test on one torch thread. These models are tiny, and on a machine shared with
-    other test runs, idle OpenMP workers spin-waiting for busy cores cost far more than a second
-    thread gains."""
+    """Run on one torch thread. These models are tiny, and on a machine shared with other test
+    runs, idle OpenMP workers spin-waiting for busy cores cost far more than a second thread gains."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def single_threaded_test() -> Iterator[None]:
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")
@@ -150,23 +158,25 @@ def _conversations() -> list[tuple[list[dict], int]]:
 def mixed_cases(reference) -> list[Case]:
     """The 16 conversations as engine inputs (token ids + image feature rows from transformers'
     own vision tower and projector), each with `InternVLForConditionalGeneration.generate`'s tokens."""
+    with one_torch_thread():
+        return [_case(f"case-{i}", c, n, reference) for i, (c, n) in enumerate(_conversations())]
+
+
+@torch.inference_mode()
+def _case(request_id: str, conversation: list[dict], max_new_tokens: int, reference: Reference) -> Case:
     model = reference.model
-    cases = []
-    for i, (conversation, max_new_tokens) in enumerate(_conversations()):
-        inputs = reference.inputs(conversation)
-        with torch.inference_mode():
-            expected = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            rows = None
-            if "pixel_values" in inputs:
-                features = model.get_image_features(
-                    pixel_values=inputs["pixel_values"],
-                    vision_feature_layer=model.config.vision_feature_layer,
-                    vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                ).pooler_output
-                rows = features.reshape(-1, features.shape[-1]).clone()
-        prompt = inputs["input_ids"][0].tolist()
-        cases.append(Case(f"case-{i}", prompt, rows, max_new_tokens, expected[0, len(prompt) :].tolist()))
-    return cases
+    inputs = reference.inputs(conversation)
+    expected = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    rows = None
+    if "pixel_values" in inputs:
+        features = model.get_image_features(
+            pixel_values=inputs["pixel_values"],
+            vision_feature_layer=model.config.vision_feature_layer,
+            vision_feature_select_strategy=model.config.vision_feature_select_strategy,
+        ).pooler_output
+        rows = features.reshape(-1, features.shape[-1]).clone()
+    prompt = inputs["input_ids"][0].tolist()
+    return Case(request_id, prompt, rows, max_new_tokens, expected[0, len(prompt) :].tolist())
 
 
 @pytest.fixture
