@@ -2,30 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 
-from pipeline.logs import setup_logging
-from pipeline.process import configure_torch, server_args, start_metrics
+from pipeline.process import server_args
 
 
 def main(argv: list[str] | None = None) -> int:
     _, config = server_args("python -m language_server", "Run the DvD language server.", argv)
-    setup_logging("language", config.log_level)
-    configure_torch(config.language.threads)
-    start_metrics(config.language.host, config.language.metrics_port)
+    from language_server.server import run_until_signalled
 
-    from language_server.server import serve
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop)
-
-    asyncio.run(run())
+    run_until_signalled(config, "language")
     return 0
 
 

@@ -4,7 +4,6 @@ from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily
 
 _S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
-_MS = (0.1, 0.5, 1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 5000)
 
 REQUESTS = Counter("dvd_requests_total", "Generation requests by outcome", ["outcome"])
 PROMPT_TOKENS = Counter("dvd_prompt_tokens_total", "Prompt tokens of finished requests")
@@ -15,8 +14,6 @@ TPOT_S = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
 )
 E2E_S = Histogram("dvd_e2e_latency_seconds", "Arrival to final message", buckets=_S)
-VISION_WAIT_S = Histogram("dvd_vision_wait_seconds", "Time a request waited for all its features", buckets=_S)
-TRANSFER_MS = Histogram("dvd_transfer_ms", "Feature transfer time per job (send to receipt)", buckets=_MS)
 TRANSFER_BYTES = Counter("dvd_transfer_bytes_total", "Feature payload bytes received")
 RUNNING = Gauge("dvd_running_requests", "Requests being generated")
 WAITING = Gauge("dvd_waiting_requests", "Requests queued in the engine")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
+from collections.abc import Callable
 
 import grpc
 import torch
@@ -20,6 +22,8 @@ from language_server.prompt import PromptBuilder
 from language_server.vision_client import VisionClient
 from pipeline.checkpoint import Checkpoint, CheckpointError, open_model
 from pipeline.config import DvDConfig
+from pipeline.logs import setup_logging
+from pipeline.process import configure_torch, start_metrics
 from pipeline.stages import Pipeline
 from pipeline.grpc_server import (
     NOT_SERVING,
@@ -109,3 +113,21 @@ async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVisio
         for part in (vision, local_vision):
             if part is not None:
                 part.close()
+
+
+def run_until_signalled(
+    config: DvDConfig, role: str, make_local_vision: Callable[[], LocalVision] | None = None
+) -> None:
+    """The process's main: logging, torch threads and /metrics, then `serve` until SIGTERM or SIGINT."""
+    setup_logging(role, config.log_level)
+    configure_torch(config.language.threads)
+    start_metrics(config.language.host, config.language.metrics_port)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(config, stop, None if make_local_vision is None else make_local_vision())
+
+    asyncio.run(main())

@@ -10,8 +10,6 @@ servers behave, and what DvD is measured against.
 
 from __future__ import annotations
 
-import asyncio
-import signal
 import sys
 import time
 
@@ -79,23 +77,11 @@ class ColocatedVision:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from language_server.server import serve
-    from pipeline.logs import setup_logging
-    from pipeline.process import configure_torch, server_args, start_metrics
+    from language_server.server import run_until_signalled
+    from pipeline.process import server_args
 
     _, config = server_args("python -m pipeline.colocated", "Run the colocated baseline.", argv)
-    setup_logging("colocated", config.log_level)
-    configure_torch(config.language.threads)
-    start_metrics(config.language.host, config.language.metrics_port)
-
-    async def run() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop, local_vision=ColocatedVision(config))
-
-    asyncio.run(run())
+    run_until_signalled(config, "colocated", lambda: ColocatedVision(config))
     return 0
 
 

@@ -3,9 +3,6 @@ no shared-memory segment outlives the requests."""
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,6 +12,7 @@ from pipeline.client import sampling
 from pipeline.transport.shm_segments import PREFIX, SHM_DIR
 from tests.conftest import photo_bytes
 from tests.reference import Reference, img, text, to_messages
+from tests.waiting import wait_until
 
 MAX_NEW_TOKENS = 12
 SHM_IDLE_S = 3.0  # long enough that segments are still pooled when the first token streams back
@@ -61,16 +59,6 @@ def expected_tokens(reference: Reference, case: str) -> list[int]:
     if case not in _EXPECTED:
         _EXPECTED[case] = reference.generate(CASES[case], MAX_NEW_TOKENS)
     return _EXPECTED[case]
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    """Poll `condition` until it holds or the timeout passes; its final value."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return condition()
-        threading.Event().wait(0.05)
-    return True
 
 
 def segments_of(pid: int) -> list[str]:

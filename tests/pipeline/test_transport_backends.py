@@ -4,32 +4,19 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
 
 from pipeline.config import TransportConfig
 from pipeline.transport import FeatureReceiver, FeatureSender, TransportError, create_backend
-from pipeline.transport.shm_segments import SHM_DIR, segment_prefix
-from pipeline.wire import FeatureHeader, JobStatus, decode_features, decode_header, encode_features, error_header
+from pipeline.wire import FeatureHeader, JobStatus, encode_features, error_header
+from tests.pipeline.transport_helpers import our_segments, receive
+from tests.waiting import wait_until
 
 BACKENDS = ["tcp", "shm", "nixl"]
 TIMEOUT_S = 20.0
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> bool:
-    """Poll `condition` until it holds or the timeout passes; its final value."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return condition()
-        threading.Event().wait(0.02)
-    return True
-
-
-def our_segments() -> list[str]:
-    return sorted(p.name for p in SHM_DIR.glob(segment_prefix() + "*"))
 
 
 @pytest.fixture(params=BACKENDS)
@@ -63,12 +50,6 @@ def features(job_id: str, tiles: int, hidden: int, dtype: torch.dtype, seed: int
     tensor = torch.randn(tiles * 256, hidden, generator=torch.Generator().manual_seed(seed)).to(dtype)
     frame, payload = encode_features(FeatureHeader(job_id=job_id, request_id="r", tile_tokens=(256,) * tiles), tensor)
     return frame, payload, tensor
-
-
-def receive(receiver: FeatureReceiver):
-    frame = receiver.recv(timeout_s=TIMEOUT_S)
-    assert frame is not None, "nothing arrived"
-    return decode_features(decode_header(frame.header), frame.payload, keepalive=frame)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

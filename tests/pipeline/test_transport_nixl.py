@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import os
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -14,53 +12,23 @@ pytest.importorskip("nixl._api", reason="the optional 'rdma' extra (nixl) is not
 
 from pipeline.config import TransportConfig  # noqa: E402
 from pipeline.transport import TransportError, create_backend  # noqa: E402
-from pipeline.transport.nixl import NixlReceiver, NixlSender, encode_descriptor  # noqa: E402
+from pipeline.transport.nixl import encode_descriptor  # noqa: E402
 from pipeline.transport.tcp import TcpBackend  # noqa: E402
-from pipeline.wire import FeatureHeader, decode_features, decode_header, encode_features  # noqa: E402
+from tests.pipeline.transport_helpers import Pairs, receive, send_features  # noqa: E402
+from tests.waiting import wait_until  # noqa: E402
 
 TIMEOUT_S = 10.0
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> bool:
-    """Poll `condition` until it holds or the timeout passes; its final value."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return condition()
-        threading.Event().wait(0.02)
-    return True
-
-
 @pytest.fixture
-def make_pair(monkeypatch) -> Iterator[Callable[..., tuple[NixlSender, NixlReceiver]]]:
+def make_pair(monkeypatch) -> Iterator[Pairs]:
     # The backend writes UCX_TLS / UCX_NET_DEVICES into the environment; monkeypatch restores them.
     for name in ("UCX_TLS", "UCX_NET_DEVICES"):
         monkeypatch.setenv(name, "")
         monkeypatch.delenv(name)
-    made: list = []
-
-    def make(**settings) -> tuple[NixlSender, NixlReceiver]:
-        backend = create_backend(TransportConfig(backend="nixl", **settings))
-        receiver, sender = backend.receiver("127.0.0.1", 0), backend.sender()
-        made.extend([sender, receiver])
-        return sender, receiver
-
-    yield make
-    for end in made:
-        end.close()
-
-
-def send_features(sender: NixlSender, receiver: NixlReceiver, seed: int, rows: int = 512) -> torch.Tensor:
-    tensor = torch.randn(rows, 256, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
-    frame, payload = encode_features(FeatureHeader(job_id=f"j{seed}", request_id="r", tile_tokens=(rows,)), tensor)
-    sender.send(receiver.address, frame, payload)
-    return tensor
-
-
-def receive(receiver: NixlReceiver):
-    frame = receiver.recv(timeout_s=TIMEOUT_S)
-    assert frame is not None, "nothing arrived"
-    return decode_features(decode_header(frame.header), frame.payload, keepalive=frame)
+    pairs = Pairs("nixl")
+    yield pairs
+    pairs.close()
 
 
 @pytest.mark.parametrize("transports", ["tcp", ""], ids=["ucx-tcp", "ucx-auto"])

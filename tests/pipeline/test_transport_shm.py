@@ -5,37 +5,22 @@ from __future__ import annotations
 import gc
 import subprocess
 import sys
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 
 from pipeline.config import TransportConfig
-from pipeline.transport import TransportError, create_backend
-from pipeline.transport.shm import ShmReceiver, ShmSender, encode_handle
-from pipeline.transport.shm_segments import SHM_DIR, segment_prefix, sweep_stale_segments
+from pipeline.transport import TransportError
+from pipeline.transport.shm import encode_handle
+from pipeline.transport.shm_segments import SHM_DIR, sweep_stale_segments
 from pipeline.transport.tcp import TcpBackend
-from pipeline.wire import FeatureHeader, decode_features, decode_header, encode_features
+from tests.pipeline.transport_helpers import Pairs, our_segments, receive, send_features
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT_S = 10.0
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float = TIMEOUT_S) -> bool:
-    """Poll `condition` until it holds or the timeout passes; its final value."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            return condition()
-        threading.Event().wait(0.02)
-    return True
-
-
-def our_segments() -> list[str]:
-    return sorted(p.name for p in SHM_DIR.glob(segment_prefix() + "*"))
 
 
 def mapped_shm_files() -> list[str]:
@@ -51,31 +36,10 @@ def nothing_left_in_dev_shm():
 
 
 @pytest.fixture
-def make_pair() -> Iterator[Callable[..., tuple[ShmSender, ShmReceiver]]]:
-    made: list = []
-
-    def make(**settings) -> tuple[ShmSender, ShmReceiver]:
-        backend = create_backend(TransportConfig(backend="shm", **settings))
-        receiver, sender = backend.receiver("127.0.0.1", 0), backend.sender()
-        made.extend([sender, receiver])
-        return sender, receiver
-
-    yield make
-    for end in made:
-        end.close()
-
-
-def send_features(sender: ShmSender, receiver: ShmReceiver, seed: int, rows: int = 512) -> torch.Tensor:
-    tensor = torch.randn(rows, 256, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
-    frame, payload = encode_features(FeatureHeader(job_id=f"j{seed}", request_id="r", tile_tokens=(rows,)), tensor)
-    sender.send(receiver.address, frame, payload)
-    return tensor
-
-
-def receive(receiver: ShmReceiver):
-    frame = receiver.recv(timeout_s=TIMEOUT_S)
-    assert frame is not None, "nothing arrived"
-    return decode_features(decode_header(frame.header), frame.payload, keepalive=frame)
+def make_pair() -> Iterator[Pairs]:
+    pairs = Pairs("shm")
+    yield pairs
+    pairs.close()
 
 
 def test_the_received_tensor_views_the_shared_segment(make_pair):
