@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-threads", type=int, default=1)
     parser.add_argument("--vision-threads", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=24, help="requests per closed-loop run")
+    parser.add_argument("--requests", type=int, default=32, help="requests per closed-loop run")
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--sizes", default="448px,896px,1344px")
     parser.add_argument("--rate-size", default="896px", help="image size of the fixed-rate run")
