@@ -78,7 +78,7 @@ def paged_attention(
     if attention_metadata is None:
         raise RuntimeError(f"'{PAGED_ATTENTION}' attention runs only inside the engine (no attention_metadata given)")
     if sliding_window is not None:
-        raise NotImplementedError("sliding-window attention layers are not supported by the paged engine")
+        raise ValueError("the paged engine does not support sliding-window attention layers")
     meta = attention_metadata
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
     meta.kv_cache.write(module.layer_idx, meta.slot_mapping, key, value)
