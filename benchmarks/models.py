@@ -8,11 +8,11 @@ from pipeline.tiny_model import TEXT_CONFIG, VISION_CONFIG, random_model_dir, ti
 
 # "small": sized so that, on a CPU core, encoding a ~5-tile image costs about what the LLM
 # spends on that request's prefill and its share of decoding.
-SMALL_VISION = {**VISION_CONFIG, "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 4,
+SMALL_VISION = {**VISION_CONFIG, "hidden_size": 192, "intermediate_size": 768, "num_hidden_layers": 5,
                 "num_attention_heads": 4}
 SMALL_TEXT = {**TEXT_CONFIG, "hidden_size": 384, "intermediate_size": 1152, "num_hidden_layers": 4,
               "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64}
-SMALL_VERSION = 2
+SMALL_VERSION = 4
 
 
 def bench_model(name: str) -> Path:
