@@ -35,10 +35,6 @@ class VisionEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.projector.linear_1.weight.device
 
-    @property
-    def output_size(self) -> int:
-        return self.projector.linear_2.out_features
-
     def vit_grid(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Patch tokens of the last ViT layer, CLS dropped, as a [T, g, g, C] grid."""
         hidden = self.vision_tower(pixel_values=pixel_values.to(self.device, self.dtype)).last_hidden_state
