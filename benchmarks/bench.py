@@ -11,7 +11,8 @@ same images straight to the vision server; LLM-only sends text prompts of the sa
 length to the same language server. Writes JSON, Markdown and a PNG to benchmarks/results/.
 
 Both modes run with the same vision settings. On a CPU a ViT forward is already compute-bound
-at one tile (measured here: 109 ms/tile at batch 1, 121-132 ms/tile at batches of 5-20), so
+at one tile (measured here with a 4-layer small ViT: 109 ms/tile at batch 1, 121-132 ms/tile
+at batches of 5-20; the tiny ViT: 14.4 vs 13.6-15.0 ms/tile), so
 cross-request batching adds latency and stalls the pipeline without adding throughput; the
 bench therefore defaults to `--vision-batch-tiles 1`. On GPUs batching pays (default 64).
 """
