@@ -14,7 +14,8 @@ Both modes run with the same vision settings. On a CPU a ViT forward is already 
 at one tile (measured here with a 4-layer small ViT: 109 ms/tile at batch 1, 121-132 ms/tile
 at batches of 5-20; the tiny ViT: 14.4 vs 13.6-15.0 ms/tile), so
 cross-request batching adds latency and stalls the pipeline without adding throughput; the
-bench therefore defaults to `--vision-batch-tiles 1`. On GPUs batching pays (default 64).
+bench therefore defaults to `--vision-batch-tiles 1`. The config default (64) is meant for GPUs,
+where batching should pay; that was not measured here.
 """
 
 from __future__ import annotations
