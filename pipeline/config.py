@@ -143,6 +143,8 @@ class LanguageConfig:
     num_kv_blocks: int = 0  # KV-cache blocks; 0 = size the pool from kv_cache_memory_fraction
     kv_cache_memory_fraction: float = 0.2  # of free device memory (CPU: of available RAM) for the KV pool
     attn_backend: Literal["auto", "sdpa", "flash_attn"] = "auto"
+    # auto: float32 CPU linear layers use a transposed matmul in engine steps (engine/cpu_linear.py)
+    linear_kernel: Literal["auto", "torch"] = "auto"
 
     def check(self) -> None:
         _positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory_fraction")

@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from language_server.engine import cpu_linear
 from language_server.engine.attention import select_backend, use_paged_attention
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.kv_cache import KVCache, KVCacheSpec, plan_num_blocks
@@ -43,7 +44,8 @@ class Engine:
         self.kv_cache = KVCache(spec, num_blocks, config.block_size, model.device)
         self.backend = select_backend(config.attn_backend, model.device, model.dtype)
         use_paged_attention(model.causal_lm)
-        self.runner = ModelRunner(model, self.kv_cache, self.backend)
+        fast_linear = config.linear_kernel == "auto" and cpu_linear.install(model.causal_lm) > 0
+        self.runner = ModelRunner(model, self.kv_cache, self.backend, fast_linear)
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.blocks, self._admit)
         self.sampler = Sampler()
         self._inbox: queue.SimpleQueue[tuple[str, object, Sink | None]] = queue.SimpleQueue()
@@ -55,7 +57,12 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         log.info(
             "engine ready",
-            extra={"kv_blocks": num_blocks, "block_size": config.block_size, "attn_backend": self.backend.name},
+            extra={
+                "kv_blocks": num_blocks,
+                "block_size": config.block_size,
+                "attn_backend": self.backend.name,
+                "fast_linear": fast_linear,
+            },
         )
 
     # ----- any thread ---------------------------------------------------------------

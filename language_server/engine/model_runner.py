@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
+from language_server.engine import cpu_linear
 from language_server.engine.attention import AttentionBackend, AttentionMetadata
 from language_server.engine.kv_cache import KVCache
 from language_server.engine.scheduler import ScheduledChunk
@@ -26,8 +28,11 @@ class ModelRunner:
     """Turns scheduled chunks into one ragged forward over the Hugging Face model and returns the
     logits of the rows that yield a token."""
 
-    def __init__(self, model: LanguageModel, kv_cache: KVCache, backend: AttentionBackend) -> None:
+    def __init__(
+        self, model: LanguageModel, kv_cache: KVCache, backend: AttentionBackend, fast_linear: bool = False
+    ) -> None:
         self.model = model
+        self.linear_kernel = cpu_linear.enabled if fast_linear else nullcontext
         self.kv_cache = kv_cache
         self.backend = backend
         self.block_size = kv_cache.block_size
@@ -37,13 +42,14 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """[number of chunks that reach their sequence's end, vocab] float32 logits, in chunk order."""
         inputs = self.prepare(chunks)
-        out = self.model.causal_lm(
-            inputs_embeds=inputs.embeds,
-            position_ids=inputs.positions,
-            use_cache=False,
-            logits_to_keep=inputs.sample_rows,
-            attention_metadata=inputs.metadata,
-        )
+        with self.linear_kernel():
+            out = self.model.causal_lm(
+                inputs_embeds=inputs.embeds,
+                position_ids=inputs.positions,
+                use_cache=False,
+                logits_to_keep=inputs.sample_rows,
+                attention_metadata=inputs.metadata,
+            )
         return out.logits[0].float()
 
     def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
