@@ -47,7 +47,7 @@ class LoadResult:
     def ok(self) -> list[RequestRecord]:
         return [r for r in self.records if r.error is None and r.done is not None]
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, float | list[float | None]]:
         ok = self.ok
         wall = max(self.finished - self.started, 1e-9)
         ttft = sorted(r.ttft_s for r in ok)
@@ -64,6 +64,7 @@ class LoadResult:
             "e2e_p50_s": _percentile(e2e, 50),
             "e2e_p99_s": _percentile(e2e, 99),
             "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
+            "ttft_by_send_order_s": [r.ttft_s for r in self.records],
         }
 
 
