@@ -27,6 +27,10 @@ class RequestRecord:
     timings: pb.Timings | None = None
 
     @property
+    def completed(self) -> bool:
+        return self.error is None and self.done is not None
+
+    @property
     def ttft_s(self) -> float | None:
         return None if self.first_token is None else self.first_token - self.sent
 
@@ -39,18 +43,20 @@ class RequestRecord:
 class LoadResult:
     """Records of one load run and the summary numbers reports use."""
 
-    records: list[RequestRecord] = field(default_factory=list)
+    records: list[RequestRecord] = field(default_factory=list)  # in send order
     started: float = 0.0
     finished: float = 0.0
+    first_wave: int = 0  # requests sent together at the start (a closed loop's concurrency)
 
     @property
     def ok(self) -> list[RequestRecord]:
-        return [r for r in self.records if r.error is None and r.done is not None]
+        return [r for r in self.records if r.completed]
 
     def summary(self) -> dict[str, float | list[float | None]]:
         ok = self.ok
         wall = max(self.finished - self.started, 1e-9)
         ttft = sorted(r.ttft_s for r in ok)
+        steady_ttft = sorted(r.ttft_s for r in self.records[self.first_wave :] if r.completed)
         e2e = sorted(r.e2e_s for r in ok)
         return {
             "requests": len(self.records),
@@ -61,6 +67,7 @@ class LoadResult:
             "output_token_throughput": sum(r.output_tokens for r in ok) / wall,
             "ttft_p50_s": _percentile(ttft, 50),
             "ttft_p99_s": _percentile(ttft, 99),
+            "ttft_p99_after_first_wave_s": _percentile(steady_ttft, 99),
             "e2e_p50_s": _percentile(e2e, 50),
             "e2e_p99_s": _percentile(e2e, 99),
             "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
@@ -102,7 +109,7 @@ async def run_load(
     """Send `total` requests: `concurrency` closed-loop workers, or Poisson arrivals at `rate` req/s."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency and rate")
-    result = LoadResult()
+    result = LoadResult(first_wave=concurrency or 0)
     options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
         stub = generate_pb2_grpc.GenerationStub(channel)
