@@ -151,7 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=32, help="requests per closed-loop run")
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--sizes", default="448px,896px,1344px")
-    parser.add_argument("--rate-size", default="896px", help="image size of the fixed-rate run")
+    parser.add_argument("--rate-size", default="896px", help="image size of the fixed-rate runs")
+    parser.add_argument("--rate-fractions", default="1.0",
+                        help="fixed-rate runs, as fractions of the mean of DvD's and colocated (b)'s closed-loop "
+                             "req/s at --rate-size, e.g. 0.5,0.75,1.0 for TTFT against load")
     parser.add_argument("--port-base", type=int, default=46000)
     args = parser.parse_args(argv)
 
@@ -189,10 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         rate_load = next(w for w in loads if w.name == args.rate_size)
         colocated_rate = closed[("colocated-b", rate_load.name)]["request_throughput"]
         dvd_rate = closed[("dvd", rate_load.name)]["request_throughput"]
-        rate = (colocated_rate + dvd_rate) / 2
-        for setup in setups:
-            result = _run(deployments[setup.name], rate_load, args.requests, f"{setup.name} @{rate:.2f} req/s", rate=rate)
-            runs.append({"setup": setup.name, "workload": rate_load.name, "load": f"rate-{rate:.2f}", **result.summary()})
+        capacity = (colocated_rate + dvd_rate) / 2
+        for fraction in (float(f) for f in args.rate_fractions.split(",")):
+            rate = fraction * capacity
+            for setup in setups:
+                result = _run(deployments[setup.name], rate_load, args.requests, f"{setup.name} @{rate:.2f} req/s",
+                              rate=rate)
+                runs.append({"setup": setup.name, "workload": rate_load.name, "load": f"rate-{rate:.2f}",
+                             "rate_fraction": fraction, **result.summary()})
 
         efficiency = []
         tokenizer = _tokenizer(model_path)
@@ -289,7 +296,28 @@ def _markdown(report: dict[str, Any]) -> str:
         [("workload", "images"), ("dvd_req_s", "DvD req/s"), ("vision_only_req_s", "vision-only req/s"),
          ("llm_only_req_s", "LLM-only req/s"), ("pipeline_efficiency", "efficiency")],
     )
-    return f"## Runs\n\n{runs}\n\n## DvD vs colocated (closed loop)\n\n{ratios}\n\n## Pipeline efficiency\n\n{efficiency}\n"
+    fixed_rate = markdown_table(
+        _rate_rows(report["runs"]),
+        [("load", "load"), ("rate_fraction", "of capacity"), ("dvd_ttft_p50_s", "DvD TTFT p50"),
+         ("dvd_ttft_p99_s", "DvD TTFT p99"), ("colocated-b_ttft_p50_s", "(b) TTFT p50"),
+         ("colocated-b_ttft_p99_s", "(b) TTFT p99"), ("colocated-a_ttft_p99_s", "(a) TTFT p99"),
+         ("dvd_e2e_p99_s", "DvD e2e p99"), ("colocated-b_e2e_p99_s", "(b) e2e p99")],
+    )
+    return (f"## Runs\n\n{runs}\n\n## DvD vs colocated (closed loop)\n\n{ratios}\n\n"
+            f"## Fixed arrival rate (capacity = mean of DvD's and (b)'s closed-loop req/s)\n\n{fixed_rate}\n\n"
+            f"## Pipeline efficiency\n\n{efficiency}\n")
+
+
+def _rate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per fixed-rate load, with every setup's latency figures side by side."""
+    rows: dict[str, dict[str, Any]] = {}
+    for run in runs:
+        if not run["load"].startswith("rate-"):
+            continue
+        row = rows.setdefault(run["load"], {"load": run["load"], "rate_fraction": run["rate_fraction"]})
+        for key in ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s"):
+            row[f"{run['setup']}_{key}"] = run[key]
+    return list(rows.values())
 
 
 def _plot(path: Path, closed: dict, loads: list[Workload]) -> None:
