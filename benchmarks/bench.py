@@ -6,9 +6,9 @@ Hardware comparisons (CPU thread budgets; `--llm-threads L --vision-threads V`):
   (b) equal totals -> colocated with V + L threads vs DvD with V + L.
 Loads: closed-loop concurrency at three image sizes (about 1, 5 and 10 tiles) and fixed
 Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity). A
-closed loop starts with all its workers' requests at once; TTFT p99 is reported over every request and, separately, over those after that
-first wave. Pipeline efficiency = DvD req/s divided by
-min(vision-only req/s, LLM-only req/s), each measured in the same run: vision-only sends the
+closed loop starts with all its workers' requests at once; TTFT p99 is reported over every
+request and, separately, over those after that first wave. Pipeline efficiency = DvD req/s
+divided by min(vision-only req/s, LLM-only req/s), each measured in the same run: vision-only sends the
 same images straight to the vision server; LLM-only sends text prompts of the same token
 length to the same language server. Writes JSON, Markdown and a PNG to benchmarks/results/.
 
