@@ -8,9 +8,9 @@ Loads: closed-loop concurrency at three image sizes (about 1, 5 and 10 tiles) an
 Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity). A
 closed loop starts with all its workers' requests at once; TTFT p99 is reported over every
 request and, separately, over those after that first wave. Pipeline efficiency = DvD req/s
-divided by min(vision-only req/s, LLM-only req/s), each measured in the same run: vision-only sends the
-same images straight to the vision server; LLM-only sends text prompts of the same token
-length to the same language server. Writes JSON, Markdown and a PNG to benchmarks/results/.
+divided by min(vision-only req/s, LLM-only req/s), each measured in the same run:
+vision-only sends the same images straight to the vision server; LLM-only sends text prompts
+of the same token length to the same language server. Writes JSON, Markdown and a PNG to benchmarks/results/.
 
 Both modes run with the same vision settings. On a CPU a ViT forward is already compute-bound
 at one tile (measured here with a 4-layer small ViT: 109 ms/tile at batch 1, 121-132 ms/tile
@@ -310,11 +310,11 @@ def _markdown(report: dict[str, Any]) -> str:
 
 def _rate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per fixed-rate load, with every setup's latency figures side by side."""
-    rows: dict[str, dict[str, Any]] = {}
+    rows: dict[float, dict[str, Any]] = {}
     for run in runs:
-        if not run["load"].startswith("rate-"):
+        if "rate_fraction" not in run:
             continue
-        row = rows.setdefault(run["load"], {"load": run["load"], "rate_fraction": run["rate_fraction"]})
+        row = rows.setdefault(run["rate_fraction"], {"load": run["load"], "rate_fraction": run["rate_fraction"]})
         for key in ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s"):
             row[f"{run['setup']}_{key}"] = run[key]
     return list(rows.values())
