@@ -8,9 +8,11 @@ Loads: closed-loop concurrency at three image sizes (about 1, 5 and 10 tiles) an
 Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity). A
 closed loop starts with all its workers' requests at once; TTFT p99 is reported over every
 request and, separately, over those after that first wave. Pipeline efficiency = DvD req/s
-divided by min(vision-only req/s, LLM-only req/s), each measured in the same run:
-vision-only sends the same images straight to the vision server; LLM-only sends text prompts
-of the same token length to the same language server. Writes JSON, Markdown and a PNG to benchmarks/results/.
+divided by min(vision-only req/s, LLM-only req/s): vision-only sends the same images straight
+to the vision server; LLM-only sends text prompts of the same token length to the same language
+server. Closed-loop runs go in rounds (`--rounds`): each round runs, per size, vision-only, DvD,
+LLM-only, (b) and (a) back to back, and the report pools the rounds. Writes JSON, Markdown
+and a PNG to benchmarks/results/.
 
 Both modes run with the same vision settings. On a CPU a ViT forward is already compute-bound
 at one tile (measured here with a 4-layer small ViT: 109 ms/tile at batch 1, 121-132 ms/tile
@@ -25,11 +27,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import LoadResult, run_load
+from benchmarks.load import LoadResult, run_load, summarize
 from benchmarks.models import bench_model
 from benchmarks.report import RESULTS, Progress, bar_plot, markdown_table, write_json
 from benchmarks.workloads import PROMPT, Workload, workloads
@@ -101,21 +104,21 @@ def _text_twin(workload: Workload, prompt_tokens: int, tokenizer) -> Workload:
     return TextWorkload(workload.name + "-text", workload.side, (), workload.output_tokens)
 
 
-def _vision_only(deployment: Deployment, workload: Workload, total: int, concurrency: int) -> dict[str, float]:
-    """Jobs straight to the vision server (no LLM): jobs/s at the given concurrency."""
+def _vision_only(deployment: Deployment, workload: Workload, total: int, concurrency: int, label: str) -> float:
+    """Jobs straight to the vision server (no LLM) at the given concurrency; returns the wall time."""
     from language_server.vision_client import VisionClient, new_job_id
     from pipeline.wire import VisionJob
 
     config = deployment.config
     receiver_port = deployment.config.language.feature_port + 10
 
-    async def run() -> dict[str, float]:
+    async def run() -> float:
         from dataclasses import replace
 
         client = VisionClient(replace(config, language=replace(config.language, feature_port=receiver_port)), 0)
         client.hidden_size = None
         counter = iter(range(total))
-        progress = Progress(total, f"vision-only {workload.name}")
+        progress = Progress(total, label)
         done = 0
 
         async def worker() -> None:
@@ -134,8 +137,7 @@ def _vision_only(deployment: Deployment, workload: Workload, total: int, concurr
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         finally:
             client.close()
-        wall = time.perf_counter() - started
-        return {"request_throughput": total / wall, "wall_s": wall}
+        return time.perf_counter() - started
 
     return asyncio.run(run())
 
@@ -149,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-threads", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=32, help="requests per closed-loop run")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="closed-loop rounds; each measures every setup and both single stages once per size, "
+                             "and the report pools them (more rounds: less noise, proportionally longer)")
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--sizes", default="448px,896px,1344px")
     parser.add_argument("--rate-size", default="896px", help="image size of the fixed-rate runs")
@@ -180,14 +185,30 @@ def main(argv: list[str] | None = None) -> int:
             deployments[setup.name] = Deployment(BASE_CONFIG, overrides, log_dir=log_dir / setup.name).start(600)
             _warm(deployments[setup.name], loads[0], 2)
 
-        closed: dict[tuple[str, str], dict[str, float]] = {}
+        tokenizer = _tokenizer(model_path)
+        texts = {w.name: _text_twin(w, _prompt_tokens(deployments["dvd"], w), tokenizer) for w in loads}
+        closed_runs: dict[tuple[str, str], list[LoadResult]] = defaultdict(list)
+        vision_walls: dict[str, list[float]] = defaultdict(list)
+        # Each round measures every setup and both single stages once per size, back to back, so
+        # that a slow spell of this shared machine falls on all of them rather than on one.
+        for round_index in range(args.rounds):
+            suffix = f" ({round_index + 1}/{args.rounds})" if args.rounds > 1 else ""
+            for workload in loads:
+                vision_walls[workload.name].append(
+                    _vision_only(deployments["dvd"], workload, args.requests, args.concurrency,
+                                 f"vision-only {workload.name}{suffix}"))
+                for setup, load in (("dvd", workload), ("llm-only", texts[workload.name]),
+                                    ("colocated-b", workload), ("colocated-a", workload)):
+                    deployment = deployments["dvd" if setup == "llm-only" else setup]
+                    closed_runs[(setup, workload.name)].append(
+                        _run(deployment, load, args.requests, f"{setup} {workload.name}{suffix}",
+                             concurrency=args.concurrency))
+
+        closed = {key: summarize(results) for key, results in closed_runs.items()}
         for workload in loads:
             for setup in setups:
-                result = _run(deployments[setup.name], workload, args.requests, f"{setup.name} {workload.name}",
-                              concurrency=args.concurrency)
-                closed[(setup.name, workload.name)] = result.summary()
                 runs.append({"setup": setup.name, "workload": workload.name, "load": f"closed-{args.concurrency}",
-                             **result.summary()})
+                             **closed[(setup.name, workload.name)]})
 
         rate_load = next(w for w in loads if w.name == args.rate_size)
         colocated_rate = closed[("colocated-b", rate_load.name)]["request_throughput"]
@@ -202,21 +223,16 @@ def main(argv: list[str] | None = None) -> int:
                              "rate_fraction": fraction, **result.summary()})
 
         efficiency = []
-        tokenizer = _tokenizer(model_path)
         for workload in loads:
-            dvd = deployments["dvd"]
-            vision = _vision_only(dvd, workload, args.requests, args.concurrency)
-            prompt_tokens = _prompt_tokens(dvd, workload)
-            text = _text_twin(workload, prompt_tokens, tokenizer)
-            llm = _run(dvd, text, args.requests, f"llm-only {workload.name}", concurrency=args.concurrency).summary()
+            vision = args.requests * args.rounds / sum(vision_walls[workload.name])
+            llm = closed[("llm-only", workload.name)]["request_throughput"]
             dvd_throughput = closed[("dvd", workload.name)]["request_throughput"]
-            bound = min(vision["request_throughput"], llm["request_throughput"])
             efficiency.append({
                 "workload": workload.name,
                 "dvd_req_s": dvd_throughput,
-                "vision_only_req_s": vision["request_throughput"],
-                "llm_only_req_s": llm["request_throughput"],
-                "pipeline_efficiency": dvd_throughput / bound,
+                "vision_only_req_s": vision,
+                "llm_only_req_s": llm,
+                "pipeline_efficiency": dvd_throughput / min(vision, llm),
             })
     finally:
         for deployment in deployments.values():
@@ -279,7 +295,8 @@ def _ratios(closed: dict, loads: list[Workload]) -> list[dict[str, Any]]:
 def _markdown(report: dict[str, Any]) -> str:
     runs = markdown_table(
         report["runs"],
-        [("setup", "setup"), ("workload", "images"), ("load", "load"), ("completed", "ok"), ("errors", "errors"),
+        [("setup", "setup"), ("workload", "images"), ("load", "load"), ("runs", "runs"), ("completed", "ok"),
+         ("errors", "errors"),
          ("request_throughput", "req/s"), ("output_token_throughput", "out tok/s"), ("ttft_p50_s", "TTFT p50 s"),
          ("ttft_p99_s", "TTFT p99 s"), ("e2e_p50_s", "e2e p50 s"), ("e2e_p99_s", "e2e p99 s")],
     )

@@ -53,26 +53,34 @@ class LoadResult:
         return [r for r in self.records if r.completed]
 
     def summary(self) -> dict[str, float | list[float | None]]:
-        ok = self.ok
-        wall = max(self.finished - self.started, 1e-9)
-        ttft = sorted(r.ttft_s for r in ok)
-        steady_ttft = sorted(r.ttft_s for r in self.records[self.first_wave :] if r.completed)
-        e2e = sorted(r.e2e_s for r in ok)
-        return {
-            "requests": len(self.records),
-            "completed": len(ok),
-            "errors": len(self.records) - len(ok),
-            "wall_s": wall,
-            "request_throughput": len(ok) / wall,
-            "output_token_throughput": sum(r.output_tokens for r in ok) / wall,
-            "ttft_p50_s": _percentile(ttft, 50),
-            "ttft_p99_s": _percentile(ttft, 99),
-            "ttft_p99_after_first_wave_s": _percentile(steady_ttft, 99),
-            "e2e_p50_s": _percentile(e2e, 50),
-            "e2e_p99_s": _percentile(e2e, 99),
-            "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
-            "ttft_by_send_order_s": [r.ttft_s for r in self.records],
-        }
+        return summarize([self])
+
+
+def summarize(results: list[LoadResult]) -> dict[str, float | list[float | None]]:
+    """Summary numbers of one or more runs of the same load, pooled: throughput over their summed
+    wall time, percentiles over all their requests."""
+    records = [r for result in results for r in result.records]
+    ok = [r for r in records if r.completed]
+    wall = max(sum(result.finished - result.started for result in results), 1e-9)
+    ttft = sorted(r.ttft_s for r in ok)
+    steady_ttft = sorted(r.ttft_s for result in results for r in result.records[result.first_wave :] if r.completed)
+    e2e = sorted(r.e2e_s for r in ok)
+    return {
+        "runs": len(results),
+        "requests": len(records),
+        "completed": len(ok),
+        "errors": len(records) - len(ok),
+        "wall_s": wall,
+        "request_throughput": len(ok) / wall,
+        "output_token_throughput": sum(r.output_tokens for r in ok) / wall,
+        "ttft_p50_s": _percentile(ttft, 50),
+        "ttft_p99_s": _percentile(ttft, 99),
+        "ttft_p99_after_first_wave_s": _percentile(steady_ttft, 99),
+        "e2e_p50_s": _percentile(e2e, 50),
+        "e2e_p99_s": _percentile(e2e, 99),
+        "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
+        "ttft_by_send_order_s": [r.ttft_s for r in records],
+    }
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:
