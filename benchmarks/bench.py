@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm-threads", type=int, default=1)
     parser.add_argument("--vision-threads", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=32, help="requests per closed-loop run")
+    parser.add_argument("--requests", type=int, default=48,
+                        help="requests per run (a closed loop's first wave and final drain weigh less in longer runs)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="closed-loop rounds; each measures every setup and both single stages once per size, "
                              "and the report pools them (more rounds: less noise, proportionally longer)")
