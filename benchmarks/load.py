@@ -48,10 +48,6 @@ class LoadResult:
     finished: float = 0.0
     first_wave: int = 0  # requests sent together at the start (a closed loop's concurrency)
 
-    @property
-    def ok(self) -> list[RequestRecord]:
-        return [r for r in self.records if r.completed]
-
     def summary(self) -> dict[str, float | list[float | None]]:
         return summarize([self])
 
