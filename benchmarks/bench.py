@@ -153,8 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=48,
                         help="requests per run (a closed loop's first wave and final drain weigh less in longer runs)")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="closed-loop rounds; each measures every setup and both single stages once per size, "
-                             "and the report pools them (more rounds: less noise, proportionally longer)")
+                        help="closed-loop rounds, interleaved and pooled in the report (N rounds take N times longer)")
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--sizes", default="448px,896px,1344px")
     parser.add_argument("--rate-size", default="896px", help="image size of the fixed-rate runs")
