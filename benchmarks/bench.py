@@ -11,8 +11,9 @@ request and, separately, over those after that first wave. Pipeline efficiency =
 divided by min(vision-only req/s, LLM-only req/s): vision-only sends the same images straight
 to the vision server; LLM-only sends text prompts of the same token length to the same language
 server. Closed-loop runs go in rounds (`--rounds`): each round runs, per size, vision-only, DvD,
-LLM-only, (b) and (a) back to back, and the report pools the rounds. Writes JSON, Markdown
-and a PNG to benchmarks/results/.
+LLM-only, (b) and (a) back to back, and the report pools the rounds. Throughputs and ratios
+are given over whole runs and in the closed loop's steady state (`load.summarize`). Writes
+JSON, Markdown and a PNG to benchmarks/results/.
 
 Both modes run with the same vision settings. On a CPU a ViT forward is already compute-bound
 at one tile (measured here with a 4-layer small ViT: 109 ms/tile at batch 1, 121-132 ms/tile
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import LoadResult, run_load, summarize
+from benchmarks.load import LoadResult, RequestRecord, run_load, summarize
 from benchmarks.models import bench_model
 from benchmarks.report import RESULTS, Progress, bar_plot, markdown_table, write_json
 from benchmarks.workloads import PROMPT, Workload, workloads
@@ -104,40 +105,43 @@ def _text_twin(workload: Workload, prompt_tokens: int, tokenizer) -> Workload:
     return TextWorkload(workload.name + "-text", workload.side, (), workload.output_tokens)
 
 
-def _vision_only(deployment: Deployment, workload: Workload, total: int, concurrency: int, label: str) -> float:
-    """Jobs straight to the vision server (no LLM) at the given concurrency; returns the wall time."""
+def _vision_only(deployment: Deployment, workload: Workload, total: int, concurrency: int, label: str) -> LoadResult:
+    """Jobs straight to the vision server (no LLM), closed loop at the given concurrency; a
+    request's first token and completion are both its features' arrival."""
+    from dataclasses import replace
+
     from language_server.vision_client import VisionClient, new_job_id
     from pipeline.wire import VisionJob
 
     config = deployment.config
-    receiver_port = deployment.config.language.feature_port + 10
+    receiver_port = config.language.feature_port + 10
 
-    async def run() -> float:
-        from dataclasses import replace
-
+    async def run() -> LoadResult:
         client = VisionClient(replace(config, language=replace(config.language, feature_port=receiver_port)), 0)
         client.hidden_size = None
+        result = LoadResult(first_wave=concurrency)
         counter = iter(range(total))
         progress = Progress(total, label)
-        done = 0
 
         async def worker() -> None:
-            nonlocal done
             for index in counter:
+                record = RequestRecord(sent=time.perf_counter())
+                result.records.append(record)
                 job = VisionJob(job_id=new_job_id(), request_id=f"v{index}", kind="image",
                                 data=workload.images[index % len(workload.images)], reply_to="",
                                 max_tiles=config.images.max_tiles)
                 features = await client.encode(job)
                 features.release()
-                done += 1
-                progress(done)
+                record.first_token = record.done = time.perf_counter()
+                progress(sum(r.done is not None for r in result.records))
 
-        started = time.perf_counter()
+        result.started = time.perf_counter()
         try:
             await asyncio.gather(*(worker() for _ in range(concurrency)))
         finally:
             client.close()
-        return time.perf_counter() - started
+        result.finished = time.perf_counter()
+        return result
 
     return asyncio.run(run())
 
@@ -188,13 +192,12 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = _tokenizer(model_path)
         texts = {w.name: _text_twin(w, _prompt_tokens(deployments["dvd"], w), tokenizer) for w in loads}
         closed_runs: dict[tuple[str, str], list[LoadResult]] = defaultdict(list)
-        vision_walls: dict[str, list[float]] = defaultdict(list)
         # Each round measures every setup and both single stages once per size, back to back, so
         # that a slow spell of this shared machine falls on all of them rather than on one.
         for round_index in range(args.rounds):
             suffix = f" ({round_index + 1}/{args.rounds})" if args.rounds > 1 else ""
             for workload in loads:
-                vision_walls[workload.name].append(
+                closed_runs[("vision-only", workload.name)].append(
                     _vision_only(deployments["dvd"], workload, args.requests, args.concurrency,
                                  f"vision-only {workload.name}{suffix}"))
                 for setup, load in (("dvd", workload), ("llm-only", texts[workload.name]),
@@ -206,9 +209,9 @@ def main(argv: list[str] | None = None) -> int:
 
         closed = {key: summarize(results) for key, results in closed_runs.items()}
         for workload in loads:
-            for setup in setups:
-                runs.append({"setup": setup.name, "workload": workload.name, "load": f"closed-{args.concurrency}",
-                             **closed[(setup.name, workload.name)]})
+            for setup in [*(s.name for s in setups), "vision-only", "llm-only"]:
+                runs.append({"setup": setup, "workload": workload.name, "load": f"closed-{args.concurrency}",
+                             **closed[(setup, workload.name)]})
 
         rate_load = next(w for w in loads if w.name == args.rate_size)
         colocated_rate = closed[("colocated-b", rate_load.name)]["request_throughput"]
@@ -222,18 +225,7 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({"setup": setup.name, "workload": rate_load.name, "load": f"rate-{rate:.2f}",
                              "rate_fraction": fraction, **result.summary()})
 
-        efficiency = []
-        for workload in loads:
-            vision = args.requests * args.rounds / sum(vision_walls[workload.name])
-            llm = closed[("llm-only", workload.name)]["request_throughput"]
-            dvd_throughput = closed[("dvd", workload.name)]["request_throughput"]
-            efficiency.append({
-                "workload": workload.name,
-                "dvd_req_s": dvd_throughput,
-                "vision_only_req_s": vision,
-                "llm_only_req_s": llm,
-                "pipeline_efficiency": dvd_throughput / min(vision, llm),
-            })
+        efficiency = [_efficiency(closed, workload.name) for workload in loads]
     finally:
         for deployment in deployments.values():
             deployment.stop()
@@ -271,6 +263,16 @@ def _prompt_tokens(deployment: Deployment, workload: Workload) -> int:
         return client.generate(list(request.messages), request.sampling).usage.prompt_tokens
 
 
+def _efficiency(closed: dict, workload: str) -> dict[str, Any]:
+    """DvD req/s over its slower stage's, over whole runs and in the closed loops' steady state."""
+    row: dict[str, Any] = {"workload": workload}
+    for kind, key in (("", "request_throughput"), ("steady_", "steady_request_throughput")):
+        dvd, vision, llm = (closed[(setup, workload)][key] for setup in ("dvd", "vision-only", "llm-only"))
+        row |= {f"{kind}dvd_req_s": dvd, f"{kind}vision_only_req_s": vision, f"{kind}llm_only_req_s": llm,
+                f"{kind}pipeline_efficiency": dvd / min(vision, llm)}
+    return row
+
+
 def _ratios(closed: dict, loads: list[Workload]) -> list[dict[str, Any]]:
     rows = []
     for workload in loads:
@@ -283,6 +285,7 @@ def _ratios(closed: dict, loads: list[Workload]) -> list[dict[str, Any]]:
                 "dvd_req_s": dvd["request_throughput"],
                 "colocated_req_s": base["request_throughput"],
                 "throughput_ratio": dvd["request_throughput"] / base["request_throughput"],
+                "steady_throughput_ratio": dvd["steady_request_throughput"] / base["steady_request_throughput"],
                 "dvd_ttft_p99_s": dvd["ttft_p99_s"],
                 "colocated_ttft_p99_s": base["ttft_p99_s"],
                 "ttft_p99_ratio": dvd["ttft_p99_s"] / base["ttft_p99_s"],
@@ -297,13 +300,15 @@ def _markdown(report: dict[str, Any]) -> str:
         report["runs"],
         [("setup", "setup"), ("workload", "images"), ("load", "load"), ("runs", "runs"), ("completed", "ok"),
          ("errors", "errors"),
-         ("request_throughput", "req/s"), ("output_token_throughput", "out tok/s"), ("ttft_p50_s", "TTFT p50 s"),
+         ("request_throughput", "req/s"), ("steady_request_throughput", "steady req/s"),
+         ("output_token_throughput", "out tok/s"), ("ttft_p50_s", "TTFT p50 s"),
          ("ttft_p99_s", "TTFT p99 s"), ("e2e_p50_s", "e2e p50 s"), ("e2e_p99_s", "e2e p99 s")],
     )
     ratios = markdown_table(
         report["ratios"],
         [("workload", "images"), ("comparison", "comparison"), ("dvd_req_s", "DvD req/s"),
          ("colocated_req_s", "colocated req/s"), ("throughput_ratio", "DvD/colocated"),
+         ("steady_throughput_ratio", "steady state DvD/colocated"),
          ("dvd_ttft_p99_s", "DvD TTFT p99"), ("colocated_ttft_p99_s", "colocated TTFT p99"),
          ("dvd_ttft_p99_after_first_wave_s", "DvD TTFT p99 after 1st wave"),
          ("colocated_ttft_p99_after_first_wave_s", "colocated TTFT p99 after 1st wave")],
@@ -311,7 +316,9 @@ def _markdown(report: dict[str, Any]) -> str:
     efficiency = markdown_table(
         report["efficiency"],
         [("workload", "images"), ("dvd_req_s", "DvD req/s"), ("vision_only_req_s", "vision-only req/s"),
-         ("llm_only_req_s", "LLM-only req/s"), ("pipeline_efficiency", "efficiency")],
+         ("llm_only_req_s", "LLM-only req/s"), ("pipeline_efficiency", "efficiency"),
+         ("steady_dvd_req_s", "steady DvD req/s"), ("steady_vision_only_req_s", "steady vision-only req/s"),
+         ("steady_llm_only_req_s", "steady LLM-only req/s"), ("steady_pipeline_efficiency", "steady efficiency")],
     )
     fixed_rate = markdown_table(
         _rate_rows(report["runs"]),

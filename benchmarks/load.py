@@ -54,7 +54,14 @@ class LoadResult:
 
 def summarize(results: list[LoadResult]) -> dict[str, float | list[float | None]]:
     """Summary numbers of one or more runs of the same load, pooled: throughput over their summed
-    wall time, percentiles over all their requests."""
+    wall time, percentiles over all their requests.
+
+    A closed loop of C workers and N requests also gets a steady-state throughput: completions
+    per second between its C-th and its (N-C)-th completion. The latter is when the last request
+    is sent, so in that window C requests are always in flight; the fill before it and the drain
+    after it (where a pipeline's first stage idles while the last requests finish the second)
+    are properties of a finite run, not of the server.
+    """
     records = [r for result in results for r in result.records]
     ok = [r for r in records if r.completed]
     wall = max(sum(result.finished - result.started for result in results), 1e-9)
@@ -68,6 +75,7 @@ def summarize(results: list[LoadResult]) -> dict[str, float | list[float | None]
         "errors": len(records) - len(ok),
         "wall_s": wall,
         "request_throughput": len(ok) / wall,
+        "steady_request_throughput": _steady_throughput(results),
         "output_token_throughput": sum(r.output_tokens for r in ok) / wall,
         "ttft_p50_s": _percentile(ttft, 50),
         "ttft_p99_s": _percentile(ttft, 99),
@@ -77,6 +85,18 @@ def summarize(results: list[LoadResult]) -> dict[str, float | list[float | None]
         "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
         "ttft_by_send_order_s": [r.ttft_s for r in records],
     }
+
+
+def _steady_throughput(results: list[LoadResult]) -> float:
+    completions = span = 0.0
+    for result in results:
+        done = sorted(r.done for r in result.records if r.completed)
+        first, last = result.first_wave, len(result.records) - result.first_wave
+        if result.first_wave == 0 or len(done) < len(result.records) or last <= first:
+            continue
+        completions += last - first
+        span += done[last - 1] - done[first - 1]
+    return completions / span if span > 0 else float("nan")
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

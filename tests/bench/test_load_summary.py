@@ -1,0 +1,39 @@
+"""The load generator's summary numbers, on runs with known send and completion times."""
+
+from __future__ import annotations
+
+import math
+
+from benchmarks.load import LoadResult, RequestRecord, summarize
+
+
+def closed_loop(done_times: list[float], concurrency: int, started: float = 0.0) -> LoadResult:
+    """A finished closed-loop run whose k-th completion (in time) is at done_times[k]."""
+    records = [RequestRecord(sent=started, first_token=t, done=t) for t in done_times]
+    return LoadResult(records=records, started=started, finished=max(done_times), first_wave=concurrency)
+
+
+def test_steady_throughput_leaves_out_fill_and_drain() -> None:
+    # 2 workers, 10 requests: a slow start (first completion at 5 s), one completion a second
+    # while both workers are busy, then a long drain.
+    done = [5.0, 6.0, 7.0, 8.0, 9.0, 10.0, 11.0, 12.0, 20.0, 30.0]
+    summary = summarize([closed_loop(done, concurrency=2)])
+    assert summary["request_throughput"] == 10 / 30
+    # between the 2nd completion (6 s) and the 8th (12 s, when the last request is sent)
+    assert summary["steady_request_throughput"] == 6 / 6
+
+
+def test_steady_throughput_pools_runs_by_summing_their_windows() -> None:
+    fast = closed_loop([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], concurrency=1)  # 4 completions in 4 s
+    slow = closed_loop([2.0, 4.0, 6.0, 8.0, 10.0, 12.0], concurrency=1)  # 4 completions in 8 s
+    assert summarize([fast, slow])["steady_request_throughput"] == 8 / 12
+
+
+def test_steady_throughput_is_undefined_for_open_loops_and_failed_runs() -> None:
+    open_loop = closed_loop([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], concurrency=0)
+    assert math.isnan(summarize([open_loop])["steady_request_throughput"])
+    failed = closed_loop([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], concurrency=1)
+    failed.records[3].error = "UNAVAILABLE: gone"
+    assert math.isnan(summarize([failed])["steady_request_throughput"])
+    too_short = closed_loop([1.0, 2.0, 3.0, 4.0], concurrency=2)
+    assert math.isnan(summarize([too_short])["steady_request_throughput"])
