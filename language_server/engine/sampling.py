@@ -210,8 +210,21 @@ def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     return picked
 
 
+def _logsumexp(raw: torch.Tensor) -> torch.Tensor:
+    """`raw.logsumexp(dim=-1)` of finite logits, without torch's slow CPU path on subnormal terms.
+
+    A term more than 80 below its row's maximum (exp < 2e-35) cannot change a float32 sum that
+    holds the maximum's exp(0) = 1, so it is clamped there, out of the subnormal range. On a random
+    model's logits (151k vocabulary, spread over +-98) torch's CPU logsumexp took 25 ms for 8 rows,
+    and this takes 5.
+    """
+    top = raw.amax(dim=-1, keepdim=True)
+    top = torch.where(top.isfinite(), top, torch.zeros_like(top))
+    return (raw - top).clamp_(min=-80.0).exp_().sum(dim=-1).log_() + top.squeeze(-1)
+
+
 def _outputs(raw: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams]) -> list[SampleOutput]:
-    normalizer = raw.logsumexp(dim=-1)
+    normalizer = _logsumexp(raw)
     chosen_logprobs = (raw.gather(1, chosen.unsqueeze(1)).squeeze(1) - normalizer).tolist()
     most = max(p.top_logprobs for p in params)
     top_ids: list[list[int]] = []

@@ -196,6 +196,20 @@ def test_logprobs_come_from_the_raw_logits():
         assert all(a[1] >= b[1] for a, b in zip(out.top, out.top[1:]))
 
 
+def test_logprobs_of_widely_spread_logits_match_log_softmax():
+    # Most terms of these rows fall far below exp(-80) of their maximum (the subnormal range).
+    logits = torch.randn(3, 151_936, generator=torch.Generator().manual_seed(4)) * 40
+    logits[1, 7] = 500.0  # one token leaves every other term negligible
+    params = [SamplingParams(top_logprobs=3)] * 3
+    outputs = Sampler().sample(logits, params, [None] * 3, [torch.tensor([])] * 3)
+    reference = torch.log_softmax(logits, dim=-1)
+    for i, out in enumerate(outputs):
+        assert out.token_id == int(logits[i].argmax())
+        assert out.logprob == pytest.approx(reference[i, out.token_id].item(), abs=1e-5)
+        assert [lp for _, lp in out.top] == pytest.approx(reference[i].topk(3).values.tolist(), abs=1e-4)
+    assert outputs[1].logprob == 0.0
+
+
 def test_validate_accepts_defaults_and_sensible_values():
     SamplingParams().validate()
     SamplingParams(temperature=0.7, top_p=0.5, top_k=40, repetition_penalty=1.1, top_logprobs=20, stop=("x",)).validate()
