@@ -122,8 +122,10 @@ def _vision_only(deployment: Deployment, workload: Workload, total: int, concurr
         result = LoadResult(first_wave=concurrency)
         counter = iter(range(total))
         progress = Progress(total, label)
+        done = 0
 
         async def worker() -> None:
+            nonlocal done
             for index in counter:
                 record = RequestRecord(sent=time.perf_counter())
                 result.records.append(record)
@@ -133,7 +135,8 @@ def _vision_only(deployment: Deployment, workload: Workload, total: int, concurr
                 features = await client.encode(job)
                 features.release()
                 record.first_token = record.done = time.perf_counter()
-                progress(sum(r.done is not None for r in result.records))
+                done += 1
+                progress(done)
 
         result.started = time.perf_counter()
         try:
