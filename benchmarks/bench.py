@@ -12,7 +12,10 @@ divided by min(vision-only req/s, LLM-only req/s): vision-only sends the same im
 to the vision server; LLM-only sends text prompts of the same token length to the same language
 server. Closed-loop runs go in rounds (`--rounds`): each round runs, per size, vision-only, DvD,
 LLM-only, (b) and (a) back to back, and the report pools the rounds. Throughputs and ratios
-are given over whole runs and in the closed loop's steady state (`load.summarize`). Writes
+are given over whole runs and in the closed loop's steady state (`load.summarize`). At the
+middle size each setup also serves a few requests one at a time, and the report gives the mean
+server-side stage spans (vision queue and compute, transfer, LLM queue, prefill, decode) of
+every run there: where each setup's time to first token goes, with and without queueing. Writes
 JSON, Markdown and a PNG to benchmarks/results/.
 
 Both modes run with the same vision settings. On a CPU a ViT forward is already compute-bound
@@ -33,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import LoadResult, RequestRecord, run_load, summarize
+from benchmarks.load import SPANS, LoadResult, RequestRecord, run_load, summarize
 from benchmarks.models import bench_model
 from benchmarks.report import RESULTS, Progress, bar_plot, markdown_table, write_json
 from benchmarks.workloads import PROMPT, Workload, workloads
@@ -167,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rate-fractions", default="1.0",
                         help="fixed-rate runs, as fractions of the mean of DvD's and colocated (b)'s closed-loop "
                              "req/s at --rate-size, e.g. 0.5,0.75,1.0 for TTFT against load")
+    parser.add_argument("--unloaded-requests", type=int, default=6,
+                        help="requests sent one at a time to each setup at --rate-size (latency without queueing)")
     parser.add_argument("--port-base", type=int, default=46000)
     args = parser.parse_args(argv)
 
@@ -217,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
                              **closed[(setup, workload.name)]})
 
         rate_load = next(w for w in loads if w.name == args.rate_size)
+        # One request at a time: each stage's cost with no queueing, at each setup's thread budget.
+        for setup in setups:
+            result = _run(deployments[setup.name], rate_load, args.unloaded_requests, f"{setup.name} one at a time",
+                          concurrency=1)
+            runs.append({"setup": setup.name, "workload": rate_load.name, "load": "closed-1", **result.summary()})
+
         colocated_rate = closed[("colocated-b", rate_load.name)]["request_throughput"]
         dvd_rate = closed[("dvd", rate_load.name)]["request_throughput"]
         capacity = (colocated_rate + dvd_rate) / 2
@@ -330,9 +341,17 @@ def _markdown(report: dict[str, Any]) -> str:
          ("colocated-b_ttft_p99_s", "(b) TTFT p99"), ("colocated-a_ttft_p99_s", "(a) TTFT p99"),
          ("dvd_e2e_p99_s", "DvD e2e p99"), ("colocated-b_e2e_p99_s", "(b) e2e p99")],
     )
+    stages = markdown_table(
+        [run for run in report["runs"] if run["workload"] == report["args"]["rate_size"]
+         and run["setup"] != "vision-only"],
+        [("setup", "setup"), ("load", "load"), ("ttft_mean_s", "TTFT (client)"),
+         *((f"{span}_mean_s", span.replace("_", " ")) for span in SPANS)],
+    )
     return (f"## Runs\n\n{runs}\n\n## DvD vs colocated (closed loop)\n\n{ratios}\n\n"
             f"## Fixed arrival rate (capacity = mean of DvD's and (b)'s closed-loop req/s)\n\n{fixed_rate}\n\n"
-            f"## Pipeline efficiency\n\n{efficiency}\n")
+            f"## Pipeline efficiency\n\n{efficiency}\n\n"
+            f"## Where the time goes at {report['args']['rate_size']} (mean seconds per request, server-side "
+            f"spans)\n\n{stages}\n")
 
 
 def _rate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:

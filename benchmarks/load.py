@@ -84,6 +84,20 @@ def summarize(results: list[LoadResult]) -> dict[str, float | list[float | None]
         "e2e_p99_s": _percentile(e2e, 99),
         "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
         "ttft_by_send_order_s": [r.ttft_s for r in records],
+        **_span_means(ok),
+    }
+
+
+SPANS = ("vision_queue", "vision_compute", "transfer", "llm_queue", "prefill", "decode")
+
+
+def _span_means(records: list[RequestRecord]) -> dict[str, float]:
+    """Mean seconds per request in each server-side stage (`<span>_mean_s`), from the timings
+    in the final responses; a request without images has zeros in the vision spans."""
+    timed = [r.timings for r in records if r.timings is not None]
+    return {
+        f"{span}_mean_s": statistics.fmean(getattr(t, f"{span}_ms") for t in timed) / 1000 if timed else float("nan")
+        for span in SPANS
     }
 
 

@@ -37,3 +37,22 @@ def test_steady_throughput_is_undefined_for_open_loops_and_failed_runs() -> None
     assert math.isnan(summarize([failed])["steady_request_throughput"])
     too_short = closed_loop([1.0, 2.0, 3.0, 4.0], concurrency=2)
     assert math.isnan(summarize([too_short])["steady_request_throughput"])
+
+
+def test_span_means_come_from_the_final_responses_timings() -> None:
+    from proto.dvd.v1 import generate_pb2 as pb
+
+    run = closed_loop([1.0, 2.0, 3.0], concurrency=1)
+    run.records[0].timings = pb.Timings(vision_compute_ms=300.0, prefill_ms=100.0, decode_ms=900.0)
+    run.records[1].timings = pb.Timings(vision_compute_ms=500.0, prefill_ms=300.0, decode_ms=1100.0)
+    run.records[2].error = "RESOURCE_EXHAUSTED: full"  # failed requests do not count
+    summary = summarize([run])
+    assert summary["vision_compute_mean_s"] == 0.4
+    assert summary["prefill_mean_s"] == 0.2
+    assert summary["decode_mean_s"] == 1.0
+    assert summary["vision_queue_mean_s"] == 0.0
+
+
+def test_span_means_are_undefined_without_timings() -> None:
+    summary = summarize([closed_loop([1.0, 2.0], concurrency=1)])
+    assert math.isnan(summary["prefill_mean_s"])
