@@ -7,7 +7,6 @@ so the stubs always match their .proto sources.
 from __future__ import annotations
 
 import fcntl
-import sys
 from pathlib import Path
 
 PROTO_DIR = Path(__file__).resolve().parent
