@@ -6,11 +6,12 @@ import asyncio
 import random
 import statistics
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Callable
 
 import grpc
 
+from pipeline.stages import Spans
 from proto.dvd.v1 import generate_pb2 as pb
 from proto.dvd.v1 import generate_pb2_grpc
 
@@ -88,7 +89,7 @@ def summarize(results: list[LoadResult]) -> dict[str, float | list[float | None]
     }
 
 
-SPANS = ("vision_queue", "vision_compute", "transfer", "llm_queue", "prefill", "decode")
+SPANS = tuple(f.name for f in fields(Spans))  # as named in the responses' Timings, with "_ms"
 
 
 def _span_means(records: list[RequestRecord]) -> dict[str, float]:
