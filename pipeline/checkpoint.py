@@ -28,19 +28,37 @@ class CheckpointError(ValueError):
     """The directory is not an InternVL checkpoint this project can read."""
 
 
-# Original-format ViT names -> transformers InternVLVisionModel names (after the "vision_model." prefix).
-_ORIGINAL_VIT_RULES: list[tuple[str, str]] = [
-    (r"^embeddings\.class_embedding$", "embeddings.cls_token"),
-    (r"^embeddings\.patch_embedding\.", "embeddings.patch_embeddings.projection."),
-    (r"^embeddings\.position_embedding$", "embeddings.position_embeddings"),
-    (r"^encoder\.layers\.(\d+)\.attn\.proj\.", r"encoder.layer.\1.attention.projection_layer."),
-    (r"^encoder\.layers\.(\d+)\.attn\.(q_norm|k_norm)\.", r"encoder.layer.\1.attention.\2."),
-    (r"^encoder\.layers\.(\d+)\.mlp\.", r"encoder.layer.\1.mlp."),
-    (r"^encoder\.layers\.(\d+)\.norm1\.", r"encoder.layer.\1.layernorm_before."),
-    (r"^encoder\.layers\.(\d+)\.norm2\.", r"encoder.layer.\1.layernorm_after."),
-    (r"^encoder\.layers\.(\d+)\.ls1$", r"encoder.layer.\1.lambda_1"),
-    (r"^encoder\.layers\.(\d+)\.ls2$", r"encoder.layer.\1.lambda_2"),
+# Original-format ViT names and transformers InternVLVisionModel names (after "vision_model." and
+# "model.vision_tower."), one table read both ways: "{n}" is a layer index; a name ending in "."
+# is a prefix, any other a whole name.
+_VIT_NAMES: list[tuple[str, str]] = [
+    ("embeddings.class_embedding", "embeddings.cls_token"),
+    ("embeddings.patch_embedding.", "embeddings.patch_embeddings.projection."),
+    ("embeddings.position_embedding", "embeddings.position_embeddings"),
+    ("encoder.layers.{n}.attn.proj.", "encoder.layer.{n}.attention.projection_layer."),
+    ("encoder.layers.{n}.attn.q_norm.", "encoder.layer.{n}.attention.q_norm."),
+    ("encoder.layers.{n}.attn.k_norm.", "encoder.layer.{n}.attention.k_norm."),
+    ("encoder.layers.{n}.mlp.", "encoder.layer.{n}.mlp."),
+    ("encoder.layers.{n}.norm1.", "encoder.layer.{n}.layernorm_before."),
+    ("encoder.layers.{n}.norm2.", "encoder.layer.{n}.layernorm_after."),
+    ("encoder.layers.{n}.ls1", "encoder.layer.{n}.lambda_1"),
+    ("encoder.layers.{n}.ls2", "encoder.layer.{n}.lambda_2"),
 ]
+
+
+def _vit_rules(source: int) -> list[tuple[re.Pattern[str], str]]:
+    """(pattern, replacement) pairs that rename from column `source` of _VIT_NAMES to the other."""
+    rules = []
+    for names in _VIT_NAMES:
+        old, new = names[source], names[1 - source]
+        pattern = r"(\d+)".join(re.escape(part) for part in old.split("{n}"))
+        rules.append((re.compile(f"^{pattern}" + ("" if old.endswith(".") else "$")), new.replace("{n}", r"\1")))
+    return rules
+
+
+_ORIGINAL_TO_HF_VIT = _vit_rules(0)
+_HF_TO_ORIGINAL_VIT = _vit_rules(1)
+
 _QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
 _PROJECTOR_ORIGINAL = {"mlp1.0.": "layer_norm.", "mlp1.1.": "linear_1.", "mlp1.3.": "linear_2."}
 
@@ -271,8 +289,8 @@ def _original_vision(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.T
         layer, kind = match.groups()
         q, k, v = tensor.chunk(3, dim=0)
         return [(f"encoder.layer.{layer}.attention.{p}_proj.{kind}", t) for p, t in zip("qkv", (q, k, v))]
-    for pattern, replacement in _ORIGINAL_VIT_RULES:
-        renamed, count = re.subn(pattern, replacement, inner)
+    for pattern, replacement in _ORIGINAL_TO_HF_VIT:
+        renamed, count = pattern.subn(replacement, inner)
         if count:
             return [(renamed, tensor)]
     raise CheckpointError(f"unexpected vision tensor name {name!r}")
@@ -307,18 +325,6 @@ def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     The inverse of the loaders' renaming: q/k/v projections are fused into `attn.qkv`.
     """
     out: dict[str, torch.Tensor] = {}
-    inverse_vit = [
-        (r"^embeddings\.cls_token$", "embeddings.class_embedding"),
-        (r"^embeddings\.patch_embeddings\.projection\.", "embeddings.patch_embedding."),
-        (r"^embeddings\.position_embeddings$", "embeddings.position_embedding"),
-        (r"^encoder\.layer\.(\d+)\.attention\.projection_layer\.", r"encoder.layers.\1.attn.proj."),
-        (r"^encoder\.layer\.(\d+)\.attention\.(q_norm|k_norm)\.", r"encoder.layers.\1.attn.\2."),
-        (r"^encoder\.layer\.(\d+)\.mlp\.", r"encoder.layers.\1.mlp."),
-        (r"^encoder\.layer\.(\d+)\.layernorm_before\.", r"encoder.layers.\1.norm1."),
-        (r"^encoder\.layer\.(\d+)\.layernorm_after\.", r"encoder.layers.\1.norm2."),
-        (r"^encoder\.layer\.(\d+)\.lambda_1$", r"encoder.layers.\1.ls1"),
-        (r"^encoder\.layer\.(\d+)\.lambda_2$", r"encoder.layers.\1.ls2"),
-    ]
     qkv = re.compile(r"^encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
     fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for name, tensor in state_dict.items():
@@ -329,8 +335,8 @@ def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
                 layer, which, kind = match.groups()
                 fused.setdefault((layer, kind), {})[which] = tensor
                 continue
-            for pattern, replacement in inverse_vit:
-                renamed, count = re.subn(pattern, replacement, inner)
+            for pattern, replacement in _HF_TO_ORIGINAL_VIT:
+                renamed, count = pattern.subn(replacement, inner)
                 if count:
                     out["vision_model." + renamed] = tensor
                     break
