@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -165,6 +165,13 @@ class VisionTimings:
     compute_ms: float = 0.0
     sent_unix_s: float = 0.0
 
+    def to_pb(self) -> pb.VisionTimings:
+        return pb.VisionTimings(**asdict(self))
+
+    @classmethod
+    def from_pb(cls, msg: pb.VisionTimings) -> VisionTimings:
+        return cls(**{f.name: getattr(msg, f.name) for f in fields(cls)})
+
 
 @dataclass(frozen=True)
 class FeatureHeader:
@@ -212,12 +219,7 @@ class FeatureHeader:
             tile_tokens=list(self.tile_tokens),
             frame_tiles=list(self.frame_tiles),
             payload_bytes=self.payload_bytes,
-            timings=pb.VisionTimings(
-                queue_ms=self.timings.queue_ms,
-                preprocess_ms=self.timings.preprocess_ms,
-                compute_ms=self.timings.compute_ms,
-                sent_unix_s=self.timings.sent_unix_s,
-            ),
+            timings=self.timings.to_pb(),
             server_id=self.server_id,
             payload_handle=self.payload_handle,
             cached_tiles=self.cached_tiles,
@@ -235,12 +237,7 @@ class FeatureHeader:
             tile_tokens=tuple(msg.tile_tokens),
             frame_tiles=tuple(msg.frame_tiles),
             payload_bytes=msg.payload_bytes,
-            timings=VisionTimings(
-                queue_ms=msg.timings.queue_ms,
-                preprocess_ms=msg.timings.preprocess_ms,
-                compute_ms=msg.timings.compute_ms,
-                sent_unix_s=msg.timings.sent_unix_s,
-            ),
+            timings=VisionTimings.from_pb(msg.timings),
             server_id=msg.server_id,
             payload_handle=msg.payload_handle,
             cached_tiles=msg.cached_tiles,
