@@ -12,6 +12,7 @@ from pipeline.wire import (
     FeatureHeader,
     JobStatus,
     VisionJob,
+    VisionTimings,
     WireError,
     decode_features,
     decode_header,
@@ -32,6 +33,17 @@ def test_round_trip_is_bit_exact(dtype):
     features = decode_features(decode_header(frame), payload, hidden_size=64)
     assert features.tensor.dtype == dtype
     assert torch.equal(features.tensor, tensor)
+
+
+def test_header_fields_survive_the_wire():
+    header = FeatureHeader(
+        job_id="j1", request_id="r1", tile_tokens=(256, 64), frame_tiles=(2,), server_id="vision-0", cached_tiles=1,
+        timings=VisionTimings(queue_ms=1.5, preprocess_ms=2.25, compute_ms=30.0, sent_unix_s=1.7e9),
+    )
+    frame, _ = encode_features(header, torch.zeros(320, 8, dtype=torch.bfloat16))
+    decoded = decode_header(frame)
+    assert decoded.timings == header.timings
+    assert (decoded.tile_tokens, decoded.frame_tiles, decoded.server_id, decoded.cached_tiles) == ((256, 64), (2,), "vision-0", 1)
 
 
 def test_payload_is_raw_bytes_not_pickle():
