@@ -18,12 +18,17 @@ server-side stage spans (vision queue and compute, transfer, LLM queue, prefill,
 every run there: where each setup's time to first token goes, with and without queueing. Writes
 JSON, Markdown and a PNG to benchmarks/results/.
 
+On GPUs (`--device cuda:0 --dtype bfloat16 --model internvl3_5-8b`) the LLM and the colocated
+process use --device, and DvD's vision server --vision-device: a GPU of its own (the paper's
+setup, comparison (a)) or the same one (equal hardware; (a) and (b) then differ only in CPU
+threads). The colocated process runs on one device either way.
+
 Both modes run with the same vision settings. On a CPU a ViT forward is already compute-bound
 at one tile (measured here with a 4-layer small ViT: 109 ms/tile at batch 1, 121-132 ms/tile
 at batches of 5-20; the tiny ViT: 14.4 vs 13.6-15.0 ms/tile), so
 cross-request batching adds latency and stalls the pipeline without adding throughput; the
-bench therefore defaults to `--vision-batch-tiles 1`. The config default (64) is meant for GPUs,
-where batching should pay; that was not measured here.
+bench therefore defaults to `--vision-batch-tiles 1` on a CPU. On a GPU it keeps the config
+default (64), where batching should pay; that was not measured here.
 """
 
 from __future__ import annotations
@@ -37,10 +42,11 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.load import SPANS, LoadResult, RequestRecord, run_load, summarize
-from benchmarks.models import bench_model
+from benchmarks.models import NAMES, bench_model
 from benchmarks.report import RESULTS, Progress, bar_plot, markdown_table, write_json
 from benchmarks.workloads import PROMPT, Workload, workloads
 from pipeline.client import message
+from pipeline.config import VisionConfig
 from pipeline.launch import Deployment
 from proto.dvd.v1 import generate_pb2 as pb
 
@@ -54,9 +60,13 @@ class Setup:
     mode: str
     vision_threads: int
     llm_threads: int
+    vision_device: str = "cpu"
+    llm_device: str = "cpu"
 
     def overrides(self, model_path: str, dtype: str, batch_tiles: int) -> dict[str, Any]:
         return {
+            "vision.device": self.vision_device,
+            "language.device": self.llm_device,
             "vision.max_batch_tiles": batch_tiles,
             "mode": self.mode,
             "model.path": model_path,
@@ -154,9 +164,15 @@ def _vision_only(deployment: Deployment, workload: Workload, total: int, concurr
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="small", help="bench model size: tiny | small | a local checkpoint path")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--vision-batch-tiles", type=int, default=1, help="vision.max_batch_tiles for both modes")
+    parser.add_argument("--model", default="small",
+                        help=f"{' | '.join(NAMES)} (random weights) | a local checkpoint directory")
+    parser.add_argument("--dtype", default="float32", help="bfloat16 on a GPU")
+    parser.add_argument("--device", default="cpu",
+                        help="device of the LLM in every setup and of the colocated process, e.g. cuda:0")
+    parser.add_argument("--vision-device", default=None,
+                        help="device of DvD's vision server (default: --device), e.g. cuda:1 for the paper's setup")
+    parser.add_argument("--vision-batch-tiles", type=int, default=None,
+                        help="vision.max_batch_tiles for both modes (default: 1 on a CPU, the config's default on a GPU)")
     parser.add_argument("--llm-threads", type=int, default=1)
     parser.add_argument("--vision-threads", type=int, default=1)
     parser.add_argument("--concurrency", type=int, default=8)
@@ -179,10 +195,13 @@ def main(argv: list[str] | None = None) -> int:
     model_path = bench_model(args.model)
     loads = workloads(args.output_tokens, args.sizes.split(","))
     total_threads = args.llm_threads + args.vision_threads
+    vision_device = args.vision_device or args.device
+    if args.vision_batch_tiles is None:
+        args.vision_batch_tiles = 1 if vision_device == "cpu" else VisionConfig.max_batch_tiles
     setups = [
-        Setup("dvd", "decoupled", args.vision_threads, args.llm_threads),
-        Setup("colocated-a", "colocated", 0, args.llm_threads),
-        Setup("colocated-b", "colocated", 0, total_threads),
+        Setup("dvd", "decoupled", args.vision_threads, args.llm_threads, vision_device, args.device),
+        Setup("colocated-a", "colocated", 0, args.llm_threads, args.device, args.device),
+        Setup("colocated-b", "colocated", 0, total_threads, args.device, args.device),
     ]
     log_dir = RESULTS / "logs"
     deployments: dict[str, Deployment] = {}
@@ -193,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 **setup.overrides(str(model_path), args.dtype, args.vision_batch_tiles),
                 **_ports(index, args.port_base),
             }
-            print(f"starting {setup.name} ({setup.mode}, vision {setup.vision_threads} + llm {setup.llm_threads} threads)")
+            print(f"starting {setup.name} ({setup.mode}, vision {setup.vision_threads} + llm {setup.llm_threads} threads"
+                  f"{'' if setup.llm_device == 'cpu' else f'; vision on {setup.vision_device}, llm on {setup.llm_device}'})")
             deployments[setup.name] = Deployment(BASE_CONFIG, overrides, log_dir=log_dir / setup.name).start(600)
             _warm(deployments[setup.name], loads[0], 2)
 

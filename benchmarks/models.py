@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from pipeline.tiny_model import TEXT_CONFIG, VISION_CONFIG, random_model_dir, tiny_model_dir
 
 # "small": sized so that, on a CPU core, encoding a ~5-tile image costs about what the LLM
@@ -14,14 +16,26 @@ SMALL_TEXT = {**TEXT_CONFIG, "hidden_size": 384, "intermediate_size": 1152, "num
               "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64}
 SMALL_VERSION = 4
 
+# "internvl3_5-8b": the shapes of InternVL3.5-8B (InternViT-300M + Qwen3-8B), random weights in
+# bfloat16, for GPU runs. About 17 GB on disk; generating it takes about as much RAM.
+VIT_300M = {**VISION_CONFIG, "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+            "num_attention_heads": 16}
+QWEN3_8B = {**TEXT_CONFIG, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
+            "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960}
+EIGHT_B_VERSION = 1
+NAMES = ("tiny", "small", "internvl3_5-8b")
+
 
 def bench_model(name: str) -> Path:
-    """"tiny", "small", or a local checkpoint directory (HF-native directory of a generated model)."""
+    """A name from NAMES, or a local checkpoint directory; the path of its HF-native directory."""
     if name == "tiny":
         return tiny_model_dir("hf")
     if name == "small":
         return random_model_dir(f"bench-small-v{SMALL_VERSION}", SMALL_VISION, SMALL_TEXT, formats=("hf",)) / "hf"
+    if name == "internvl3_5-8b":
+        return random_model_dir(f"bench-internvl3_5-8b-v{EIGHT_B_VERSION}", VIT_300M, QWEN3_8B, formats=("hf",),
+                                dtype=torch.bfloat16) / "hf"
     path = Path(name).expanduser()
     if not (path / "config.json").exists():
-        raise SystemExit(f"{name}: not 'tiny', 'small' or a checkpoint directory")
+        raise SystemExit(f"{name}: not one of {', '.join(NAMES)} or a checkpoint directory")
     return path

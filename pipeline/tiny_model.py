@@ -104,7 +104,11 @@ def tiny_model_dir(format: str = "hf") -> Path:
 
 
 def random_model_dir(
-    name: str, vision_config: dict | None = None, text_config: dict | None = None, formats: tuple[str, ...] = FORMATS
+    name: str,
+    vision_config: dict | None = None,
+    text_config: dict | None = None,
+    formats: tuple[str, ...] = FORMATS,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """A random InternVL checkpoint generated once into the cache (file-locked, written atomically)."""
     root = cache_root() / name
@@ -116,7 +120,7 @@ def random_model_dir(
             if not done.exists():
                 staging = root.with_name(root.name + ".tmp")
                 shutil.rmtree(staging, ignore_errors=True)
-                generate(staging, vision_config=vision_config, text_config=text_config, formats=formats)
+                generate(staging, vision_config=vision_config, text_config=text_config, formats=formats, dtype=dtype)
                 shutil.rmtree(root, ignore_errors=True)
                 staging.rename(root)
                 (root / ".complete").touch()
@@ -154,11 +158,11 @@ def build_tokenizer():
     return tokenizer
 
 
-def build_model(seed: int = 0, vision_config: dict | None = None, text_config: dict | None = None):
-    """A random InternVLForConditionalGeneration (tiny by default) with weights that make images matter."""
-    from transformers import InternVLConfig, InternVLForConditionalGeneration
+def internvl_config(vision_config: dict | None = None, text_config: dict | None = None):
+    """The transformers InternVLConfig of a generated model (tiny by default)."""
+    from transformers import InternVLConfig
 
-    config = InternVLConfig(
+    return InternVLConfig(
         vision_config=vision_config or VISION_CONFIG,
         text_config=text_config or TEXT_CONFIG,
         image_token_id=IMG_CONTEXT_ID,
@@ -169,8 +173,23 @@ def build_model(seed: int = 0, vision_config: dict | None = None, text_config: d
         vision_feature_select_strategy="default",
         tie_word_embeddings=False,
     )
+
+
+def build_model(
+    seed: int = 0, vision_config: dict | None = None, text_config: dict | None = None, dtype: torch.dtype = torch.float32
+):
+    """A random InternVLForConditionalGeneration (tiny by default) with weights that make images matter,
+    allocated in `dtype` (the values are drawn in float32 either way)."""
+    from transformers import InternVLForConditionalGeneration
+
+    config = internvl_config(vision_config, text_config)
     torch.manual_seed(seed)
-    model = InternVLForConditionalGeneration(config).eval()
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        model = InternVLForConditionalGeneration(config).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -217,6 +236,7 @@ def generate(
     vision_config: dict | None = None,
     text_config: dict | None = None,
     formats: tuple[str, ...] = FORMATS,
+    dtype: torch.dtype = torch.float32,
 ) -> None:
     """Write a random model in HF-native (root/hf), original (root/original) and Flash (root/flash) formats."""
     from safetensors.torch import save_file
@@ -225,7 +245,7 @@ def generate(
     from pipeline.tiny_flash import write_flash
 
     tokenizer = build_tokenizer()
-    model = build_model(seed, vision_config, text_config)
+    model = build_model(seed, vision_config, text_config, dtype)
     root.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if "hf" in formats:
