@@ -23,18 +23,22 @@ VIT_300M = {**VISION_CONFIG, "hidden_size": 1024, "intermediate_size": 4096, "nu
 QWEN3_8B = {**TEXT_CONFIG, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
             "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960}
 EIGHT_B_VERSION = 1
-NAMES = ("tiny", "small", "internvl3_5-8b")
+
+# name -> (cache directory, vision config, text config, weight dtype)
+RANDOM_MODELS = {
+    "small": (f"bench-small-v{SMALL_VERSION}", SMALL_VISION, SMALL_TEXT, torch.float32),
+    "internvl3_5-8b": (f"bench-internvl3_5-8b-v{EIGHT_B_VERSION}", VIT_300M, QWEN3_8B, torch.bfloat16),
+}
+NAMES = ("tiny", *RANDOM_MODELS)
 
 
 def bench_model(name: str) -> Path:
     """A name from NAMES, or a local checkpoint directory; the path of its HF-native directory."""
     if name == "tiny":
         return tiny_model_dir("hf")
-    if name == "small":
-        return random_model_dir(f"bench-small-v{SMALL_VERSION}", SMALL_VISION, SMALL_TEXT, formats=("hf",)) / "hf"
-    if name == "internvl3_5-8b":
-        return random_model_dir(f"bench-internvl3_5-8b-v{EIGHT_B_VERSION}", VIT_300M, QWEN3_8B, formats=("hf",),
-                                dtype=torch.bfloat16) / "hf"
+    if name in RANDOM_MODELS:
+        directory, vision, text, dtype = RANDOM_MODELS[name]
+        return random_model_dir(directory, vision, text, formats=("hf",), dtype=dtype) / "hf"
     path = Path(name).expanduser()
     if not (path / "config.json").exists():
         raise SystemExit(f"{name}: not one of {', '.join(NAMES)} or a checkpoint directory")
