@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks.load import SPANS, LoadResult, RequestRecord, run_load, summarize
+from benchmarks import comparison
+from benchmarks.load import LoadResult, RequestRecord, run_load, summarize
 from benchmarks.models import NAMES, bench_model
-from benchmarks.report import RESULTS, Progress, bar_plot, markdown_table, write_json
+from benchmarks.report import RESULTS, Progress, write_json
 from benchmarks.workloads import PROMPT, Workload, workloads
 from pipeline.client import message
 from pipeline.config import VisionConfig
@@ -259,12 +260,12 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append({"setup": setup.name, "workload": rate_load.name, "load": f"rate-{rate:.2f}",
                              "rate_fraction": fraction, **result.summary()})
 
-        efficiency = [_efficiency(closed, workload.name) for workload in loads]
+        efficiency = [comparison.efficiency(closed, workload.name) for workload in loads]
     finally:
         for deployment in deployments.values():
             deployment.stop()
 
-    ratios = _ratios(closed, loads)
+    ratios = comparison.ratios(closed, [w.name for w in loads])
     report = {
         "args": vars(args),
         "model": str(model_path),
@@ -274,9 +275,9 @@ def main(argv: list[str] | None = None) -> int:
         "wall_s": time.perf_counter() - started,
     }
     path = write_json("bench", report)
-    markdown = _markdown(report)
+    markdown = comparison.markdown(report)
     path.with_suffix(".md").write_text(markdown)
-    _plot(path.with_suffix(".png"), closed, loads)
+    comparison.plot(path.with_suffix(".png"), closed, [w.name for w in loads])
     print(markdown)
     print(f"\nwrote {path} (+ .md, .png) in {report['wall_s'] / 60:.1f} min")
     return 0
@@ -295,104 +296,6 @@ def _prompt_tokens(deployment: Deployment, workload: Workload) -> int:
         request = workload.request(0)
         request.sampling.max_new_tokens = 1
         return client.generate(list(request.messages), request.sampling).usage.prompt_tokens
-
-
-def _efficiency(closed: dict, workload: str) -> dict[str, Any]:
-    """DvD req/s over its slower stage's, over whole runs and in the closed loops' steady state."""
-    row: dict[str, Any] = {"workload": workload}
-    for kind, key in (("", "request_throughput"), ("steady_", "steady_request_throughput")):
-        dvd, vision, llm = (closed[(setup, workload)][key] for setup in ("dvd", "vision-only", "llm-only"))
-        row |= {f"{kind}dvd_req_s": dvd, f"{kind}vision_only_req_s": vision, f"{kind}llm_only_req_s": llm,
-                f"{kind}pipeline_efficiency": dvd / min(vision, llm)}
-    return row
-
-
-def _ratios(closed: dict, loads: list[Workload]) -> list[dict[str, Any]]:
-    rows = []
-    for workload in loads:
-        dvd = closed[("dvd", workload.name)]
-        for setup, label in (("colocated-a", "(a) same LLM threads"), ("colocated-b", "(b) equal total threads")):
-            base = closed[(setup, workload.name)]
-            rows.append({
-                "workload": workload.name,
-                "comparison": label,
-                "dvd_req_s": dvd["request_throughput"],
-                "colocated_req_s": base["request_throughput"],
-                "throughput_ratio": dvd["request_throughput"] / base["request_throughput"],
-                "steady_throughput_ratio": dvd["steady_request_throughput"] / base["steady_request_throughput"],
-                "dvd_ttft_p99_s": dvd["ttft_p99_s"],
-                "colocated_ttft_p99_s": base["ttft_p99_s"],
-                "ttft_p99_ratio": dvd["ttft_p99_s"] / base["ttft_p99_s"],
-                "dvd_ttft_p99_after_first_wave_s": dvd["ttft_p99_after_first_wave_s"],
-                "colocated_ttft_p99_after_first_wave_s": base["ttft_p99_after_first_wave_s"],
-            })
-    return rows
-
-
-def _markdown(report: dict[str, Any]) -> str:
-    runs = markdown_table(
-        report["runs"],
-        [("setup", "setup"), ("workload", "images"), ("load", "load"), ("runs", "runs"), ("completed", "ok"),
-         ("errors", "errors"),
-         ("request_throughput", "req/s"), ("steady_request_throughput", "steady req/s"),
-         ("output_token_throughput", "out tok/s"), ("ttft_p50_s", "TTFT p50 s"),
-         ("ttft_p99_s", "TTFT p99 s"), ("e2e_p50_s", "e2e p50 s"), ("e2e_p99_s", "e2e p99 s")],
-    )
-    ratios = markdown_table(
-        report["ratios"],
-        [("workload", "images"), ("comparison", "comparison"), ("dvd_req_s", "DvD req/s"),
-         ("colocated_req_s", "colocated req/s"), ("throughput_ratio", "DvD/colocated"),
-         ("steady_throughput_ratio", "steady state DvD/colocated"),
-         ("dvd_ttft_p99_s", "DvD TTFT p99"), ("colocated_ttft_p99_s", "colocated TTFT p99"),
-         ("dvd_ttft_p99_after_first_wave_s", "DvD TTFT p99 after 1st wave"),
-         ("colocated_ttft_p99_after_first_wave_s", "colocated TTFT p99 after 1st wave")],
-    )
-    efficiency = markdown_table(
-        report["efficiency"],
-        [("workload", "images"), ("dvd_req_s", "DvD req/s"), ("vision_only_req_s", "vision-only req/s"),
-         ("llm_only_req_s", "LLM-only req/s"), ("pipeline_efficiency", "efficiency"),
-         ("steady_dvd_req_s", "steady DvD req/s"), ("steady_vision_only_req_s", "steady vision-only req/s"),
-         ("steady_llm_only_req_s", "steady LLM-only req/s"), ("steady_pipeline_efficiency", "steady efficiency")],
-    )
-    fixed_rate = markdown_table(
-        _rate_rows(report["runs"]),
-        [("load", "load"), ("rate_fraction", "of capacity"), ("dvd_ttft_p50_s", "DvD TTFT p50"),
-         ("dvd_ttft_p99_s", "DvD TTFT p99"), ("colocated-b_ttft_p50_s", "(b) TTFT p50"),
-         ("colocated-b_ttft_p99_s", "(b) TTFT p99"), ("colocated-a_ttft_p99_s", "(a) TTFT p99"),
-         ("dvd_e2e_p99_s", "DvD e2e p99"), ("colocated-b_e2e_p99_s", "(b) e2e p99")],
-    )
-    stages = markdown_table(
-        [run for run in report["runs"] if run["workload"] == report["args"]["rate_size"]
-         and run["setup"] != "vision-only"],
-        [("setup", "setup"), ("load", "load"), ("ttft_mean_s", "TTFT (client)"),
-         *((f"{span}_mean_s", span.replace("_", " ")) for span in SPANS)],
-    )
-    return (f"## Runs\n\n{runs}\n\n## DvD vs colocated (closed loop)\n\n{ratios}\n\n"
-            f"## Fixed arrival rate (capacity = mean of DvD's and (b)'s closed-loop req/s)\n\n{fixed_rate}\n\n"
-            f"## Pipeline efficiency\n\n{efficiency}\n\n"
-            f"## Where the time goes at {report['args']['rate_size']} (mean seconds per request, server-side "
-            f"spans)\n\n{stages}\n")
-
-
-def _rate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per fixed-rate load, with every setup's latency figures side by side."""
-    rows: dict[float, dict[str, Any]] = {}
-    for run in runs:
-        if "rate_fraction" not in run:
-            continue
-        row = rows.setdefault(run["rate_fraction"], {"load": run["load"], "rate_fraction": run["rate_fraction"]})
-        for key in ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s"):
-            row[f"{run['setup']}_{key}"] = run[key]
-    return list(rows.values())
-
-
-def _plot(path: Path, closed: dict, loads: list[Workload]) -> None:
-    groups = [w.name for w in loads]
-    series = {
-        setup: [closed[(setup, w.name)]["request_throughput"] for w in loads]
-        for setup in ("dvd", "colocated-a", "colocated-b")
-    }
-    bar_plot(path, "Request throughput, closed loop", groups, series, "requests / s")
 
 
 if __name__ == "__main__":

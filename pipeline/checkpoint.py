@@ -1,15 +1,14 @@
-"""InternVL checkpoints on disk: format detection, configs, key maps, partial loading.
+"""InternVL checkpoints on disk: format detection, configs, partial loading, module building.
 
 Two formats exist (see shared/specs/checkpoints.md): HF-native (`InternVLForConditionalGeneration`)
 and the original one (`InternVLChatModel`). Each server reads only its half: `read_part` opens
 the safetensors files and reads only the tensors of the requested part, renamed to the names
-of transformers' own modules.
+of transformers' own modules (the name maps live in `checkpoint_names`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -19,48 +18,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig, PreTrainedConfig
 
-Format = Literal["hf", "original"]
-Part = Literal["vision", "projector", "llm", "vir"]
-PARTS: tuple[Part, ...] = ("vision", "projector", "llm", "vir")
+from pipeline.checkpoint_names import PARTS, CheckpointError, Format, Part, hf_to_original, part_of, renamer
 
-
-class CheckpointError(ValueError):
-    """The directory is not an InternVL checkpoint this project can read."""
-
-
-# Original-format ViT names and transformers InternVLVisionModel names (after "vision_model." and
-# "model.vision_tower."), one table read both ways: "{n}" is a layer index; a name ending in "."
-# is a prefix, any other a whole name.
-_VIT_NAMES: list[tuple[str, str]] = [
-    ("embeddings.class_embedding", "embeddings.cls_token"),
-    ("embeddings.patch_embedding.", "embeddings.patch_embeddings.projection."),
-    ("embeddings.position_embedding", "embeddings.position_embeddings"),
-    ("encoder.layers.{n}.attn.proj.", "encoder.layer.{n}.attention.projection_layer."),
-    ("encoder.layers.{n}.attn.q_norm.", "encoder.layer.{n}.attention.q_norm."),
-    ("encoder.layers.{n}.attn.k_norm.", "encoder.layer.{n}.attention.k_norm."),
-    ("encoder.layers.{n}.mlp.", "encoder.layer.{n}.mlp."),
-    ("encoder.layers.{n}.norm1.", "encoder.layer.{n}.layernorm_before."),
-    ("encoder.layers.{n}.norm2.", "encoder.layer.{n}.layernorm_after."),
-    ("encoder.layers.{n}.ls1", "encoder.layer.{n}.lambda_1"),
-    ("encoder.layers.{n}.ls2", "encoder.layer.{n}.lambda_2"),
-]
-
-
-def _vit_rules(source: int) -> list[tuple[re.Pattern[str], str]]:
-    """(pattern, replacement) pairs that rename from column `source` of _VIT_NAMES to the other."""
-    rules = []
-    for names in _VIT_NAMES:
-        old, new = names[source], names[1 - source]
-        pattern = r"(\d+)".join(re.escape(part) for part in old.split("{n}"))
-        rules.append((re.compile(f"^{pattern}" + ("" if old.endswith(".") else "$")), new.replace("{n}", r"\1")))
-    return rules
-
-
-_ORIGINAL_TO_HF_VIT = _vit_rules(0)
-_HF_TO_ORIGINAL_VIT = _vit_rules(1)
-
-_QKV = re.compile(r"^encoder\.layers\.(\d+)\.attn\.qkv\.(weight|bias)$")
-_PROJECTOR_ORIGINAL = {"mlp1.0.": "layer_norm.", "mlp1.1.": "linear_1.", "mlp1.3.": "linear_2."}
+__all__ = ["PARTS", "Checkpoint", "CheckpointError", "Format", "LoadedPart", "Part", "hf_to_original",
+           "materialize", "open_checkpoint", "open_model"]
 
 
 @dataclass
@@ -179,12 +140,12 @@ class Checkpoint:
 
     def part_names(self, part: Part) -> list[str]:
         """Checkpoint tensor names that belong to one part."""
-        return [name for name in self.tensor_names if self._part_of(name) == part]
+        return [name for name in self.tensor_names if part_of(self.format, name) == part]
 
     def read_part(self, part: Part, dtype: torch.dtype | None = None) -> LoadedPart:
         """Read only `part`'s tensors, renamed for transformers' modules (optionally cast)."""
         names = self.part_names(part)
-        rename = _RENAMERS[(self.format, part)]
+        rename = renamer(self.format, part)
         loaded = LoadedPart(tensors={})
         for name, tensor in self._read(names):
             for target, value in rename(name, tensor):
@@ -201,24 +162,6 @@ class Checkpoint:
                 for name in file_names:
                     yield name, handle.get_tensor(name)
 
-    def _part_of(self, name: str) -> Part | None:
-        if self.format == "hf":
-            if name.startswith(("model.vision_tower.", "vision_tower.")):
-                return "vision"
-            if name.startswith(("model.multi_modal_projector.", "multi_modal_projector.")):
-                return "projector"
-            if name.startswith(("model.language_model.", "language_model.", "lm_head.")):
-                return "llm"
-            return None
-        if name.startswith("vision_model."):
-            return "vision"
-        if name.startswith("mlp1."):
-            return "projector"
-        if name.startswith("language_model."):
-            return "llm"
-        if name.startswith(("mlp2.", "pooling_before_gating.", "gating.")):
-            return "vir"
-        return None
 
 
 def open_checkpoint(path: str | Path, format: Literal["auto", "hf", "original"] = "auto") -> Checkpoint:
@@ -247,118 +190,6 @@ def detect_format(raw_config: dict) -> Format | None:
     if "InternVLChatModel" in raw_config.get("architectures", []) or "llm_config" in raw_config:
         return "original"
     return None
-
-
-# ----- renaming ---------------------------------------------------------------------------
-Renamer = Callable[[str, torch.Tensor], list[tuple[str, torch.Tensor]]]
-
-
-def _strip(*prefixes: str) -> Renamer:
-    def rename(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-        for prefix in prefixes:
-            if name.startswith(prefix):
-                return [(name[len(prefix) :], tensor)]
-        raise CheckpointError(f"unexpected tensor name {name!r}")
-
-    return rename
-
-
-def _hf_llm(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    for prefix, target in (
-        ("model.language_model.", "model."),
-        ("language_model.model.", "model."),
-        ("language_model.lm_head.", "lm_head."),
-        ("lm_head.", "lm_head."),
-    ):
-        if name.startswith(prefix):
-            return [(target + name[len(prefix) :], tensor)]
-    raise CheckpointError(f"unexpected LLM tensor name {name!r}")
-
-
-def _original_llm(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    for prefix, target in (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")):
-        if name.startswith(prefix):
-            return [(target + name[len(prefix) :], tensor)]
-    raise CheckpointError(f"unexpected LLM tensor name {name!r}")
-
-
-def _original_vision(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    inner = name[len("vision_model.") :]
-    match = _QKV.match(inner)
-    if match:
-        layer, kind = match.groups()
-        q, k, v = tensor.chunk(3, dim=0)
-        return [(f"encoder.layer.{layer}.attention.{p}_proj.{kind}", t) for p, t in zip("qkv", (q, k, v))]
-    for pattern, replacement in _ORIGINAL_TO_HF_VIT:
-        renamed, count = pattern.subn(replacement, inner)
-        if count:
-            return [(renamed, tensor)]
-    raise CheckpointError(f"unexpected vision tensor name {name!r}")
-
-
-def _original_projector(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    for prefix, target in _PROJECTOR_ORIGINAL.items():
-        if name.startswith(prefix):
-            return [(target + name[len(prefix) :], tensor)]
-    raise CheckpointError(f"unexpected projector tensor name {name!r}")
-
-
-def _identity(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
-    return [(name, tensor)]
-
-
-_RENAMERS: dict[tuple[Format, Part], Renamer] = {
-    ("hf", "vision"): _strip("model.vision_tower.", "vision_tower."),
-    ("hf", "projector"): _strip("model.multi_modal_projector.", "multi_modal_projector."),
-    ("hf", "llm"): _hf_llm,
-    ("hf", "vir"): _identity,
-    ("original", "vision"): _original_vision,
-    ("original", "projector"): _original_projector,
-    ("original", "llm"): _original_llm,
-    ("original", "vir"): _identity,
-}
-
-
-def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an HF-native InternVL state dict (transformers 5.x names) to the original format.
-
-    The inverse of the loaders' renaming: q/k/v projections are fused into `attn.qkv`.
-    """
-    out: dict[str, torch.Tensor] = {}
-    qkv = re.compile(r"^encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
-    fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
-    for name, tensor in state_dict.items():
-        if name.startswith("model.vision_tower."):
-            inner = name[len("model.vision_tower.") :]
-            match = qkv.match(inner)
-            if match:
-                layer, which, kind = match.groups()
-                fused.setdefault((layer, kind), {})[which] = tensor
-                continue
-            for pattern, replacement in _HF_TO_ORIGINAL_VIT:
-                renamed, count = pattern.subn(replacement, inner)
-                if count:
-                    out["vision_model." + renamed] = tensor
-                    break
-            else:
-                raise CheckpointError(f"no original-format name for {name!r}")
-        elif name.startswith("model.multi_modal_projector."):
-            inner = name[len("model.multi_modal_projector.") :]
-            for original, hf in _PROJECTOR_ORIGINAL.items():
-                if inner.startswith(hf):
-                    out[original + inner[len(hf) :]] = tensor
-                    break
-            else:
-                raise CheckpointError(f"no original-format name for {name!r}")
-        elif name.startswith("model.language_model."):
-            out["language_model.model." + name[len("model.language_model.") :]] = tensor
-        elif name.startswith("lm_head."):
-            out["language_model." + name] = tensor
-        else:
-            out[name] = tensor
-    for (layer, kind), parts in fused.items():
-        out[f"vision_model.encoder.layers.{layer}.attn.qkv.{kind}"] = torch.cat([parts[p] for p in "qkv"], dim=0)
-    return out
 
 
 def _first(value: int | tuple | list) -> int:

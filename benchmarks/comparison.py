@@ -1,0 +1,113 @@
+"""The DvD-vs-colocated report of `make bench`: ratios, pipeline efficiency, tables and plot.
+
+`closed` maps (setup, workload name) to a closed-loop summary (`load.summarize`); setups are
+"dvd", "colocated-a", "colocated-b", "vision-only" and "llm-only".
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from benchmarks.load import SPANS
+from benchmarks.report import bar_plot, markdown_table
+
+
+def efficiency(closed: dict, workload: str) -> dict[str, Any]:
+    """DvD req/s over its slower stage's, over whole runs and in the closed loops' steady state."""
+    row: dict[str, Any] = {"workload": workload}
+    for kind, key in (("", "request_throughput"), ("steady_", "steady_request_throughput")):
+        dvd, vision, llm = (closed[(setup, workload)][key] for setup in ("dvd", "vision-only", "llm-only"))
+        row |= {f"{kind}dvd_req_s": dvd, f"{kind}vision_only_req_s": vision, f"{kind}llm_only_req_s": llm,
+                f"{kind}pipeline_efficiency": dvd / min(vision, llm)}
+    return row
+
+
+def ratios(closed: dict, workloads: list[str]) -> list[dict[str, Any]]:
+    """DvD against each colocated setup, per workload: throughput ratios and TTFT p99 side by side."""
+    rows = []
+    for workload in workloads:
+        dvd = closed[("dvd", workload)]
+        for setup, label in (("colocated-a", "(a) same LLM threads"), ("colocated-b", "(b) equal total threads")):
+            base = closed[(setup, workload)]
+            rows.append({
+                "workload": workload,
+                "comparison": label,
+                "dvd_req_s": dvd["request_throughput"],
+                "colocated_req_s": base["request_throughput"],
+                "throughput_ratio": dvd["request_throughput"] / base["request_throughput"],
+                "steady_throughput_ratio": dvd["steady_request_throughput"] / base["steady_request_throughput"],
+                "dvd_ttft_p99_s": dvd["ttft_p99_s"],
+                "colocated_ttft_p99_s": base["ttft_p99_s"],
+                "ttft_p99_ratio": dvd["ttft_p99_s"] / base["ttft_p99_s"],
+                "dvd_ttft_p99_after_first_wave_s": dvd["ttft_p99_after_first_wave_s"],
+                "colocated_ttft_p99_after_first_wave_s": base["ttft_p99_after_first_wave_s"],
+            })
+    return rows
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The report's tables: every run, the closed-loop ratios, fixed rates, efficiency, stage spans."""
+    runs = markdown_table(
+        report["runs"],
+        [("setup", "setup"), ("workload", "images"), ("load", "load"), ("runs", "runs"), ("completed", "ok"),
+         ("errors", "errors"),
+         ("request_throughput", "req/s"), ("steady_request_throughput", "steady req/s"),
+         ("output_token_throughput", "out tok/s"), ("ttft_p50_s", "TTFT p50 s"),
+         ("ttft_p99_s", "TTFT p99 s"), ("e2e_p50_s", "e2e p50 s"), ("e2e_p99_s", "e2e p99 s")],
+    )
+    ratio_table = markdown_table(
+        report["ratios"],
+        [("workload", "images"), ("comparison", "comparison"), ("dvd_req_s", "DvD req/s"),
+         ("colocated_req_s", "colocated req/s"), ("throughput_ratio", "DvD/colocated"),
+         ("steady_throughput_ratio", "steady state DvD/colocated"),
+         ("dvd_ttft_p99_s", "DvD TTFT p99"), ("colocated_ttft_p99_s", "colocated TTFT p99"),
+         ("dvd_ttft_p99_after_first_wave_s", "DvD TTFT p99 after 1st wave"),
+         ("colocated_ttft_p99_after_first_wave_s", "colocated TTFT p99 after 1st wave")],
+    )
+    efficiency_table = markdown_table(
+        report["efficiency"],
+        [("workload", "images"), ("dvd_req_s", "DvD req/s"), ("vision_only_req_s", "vision-only req/s"),
+         ("llm_only_req_s", "LLM-only req/s"), ("pipeline_efficiency", "efficiency"),
+         ("steady_dvd_req_s", "steady DvD req/s"), ("steady_vision_only_req_s", "steady vision-only req/s"),
+         ("steady_llm_only_req_s", "steady LLM-only req/s"), ("steady_pipeline_efficiency", "steady efficiency")],
+    )
+    fixed_rate = markdown_table(
+        _rate_rows(report["runs"]),
+        [("load", "load"), ("rate_fraction", "of capacity"), ("dvd_ttft_p50_s", "DvD TTFT p50"),
+         ("dvd_ttft_p99_s", "DvD TTFT p99"), ("colocated-b_ttft_p50_s", "(b) TTFT p50"),
+         ("colocated-b_ttft_p99_s", "(b) TTFT p99"), ("colocated-a_ttft_p99_s", "(a) TTFT p99"),
+         ("dvd_e2e_p99_s", "DvD e2e p99"), ("colocated-b_e2e_p99_s", "(b) e2e p99")],
+    )
+    stages = markdown_table(
+        [run for run in report["runs"] if run["workload"] == report["args"]["rate_size"]
+         and run["setup"] != "vision-only"],
+        [("setup", "setup"), ("load", "load"), ("ttft_mean_s", "TTFT (client)"),
+         *((f"{span}_mean_s", span.replace("_", " ")) for span in SPANS)],
+    )
+    return (f"## Runs\n\n{runs}\n\n## DvD vs colocated (closed loop)\n\n{ratio_table}\n\n"
+            f"## Fixed arrival rate (capacity = mean of DvD's and (b)'s closed-loop req/s)\n\n{fixed_rate}\n\n"
+            f"## Pipeline efficiency\n\n{efficiency_table}\n\n"
+            f"## Where the time goes at {report['args']['rate_size']} (mean seconds per request, server-side "
+            f"spans)\n\n{stages}\n")
+
+
+def _rate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per fixed-rate load, with every setup's latency figures side by side."""
+    rows: dict[float, dict[str, Any]] = {}
+    for run in runs:
+        if "rate_fraction" not in run:
+            continue
+        row = rows.setdefault(run["rate_fraction"], {"load": run["load"], "rate_fraction": run["rate_fraction"]})
+        for key in ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s"):
+            row[f"{run['setup']}_{key}"] = run[key]
+    return list(rows.values())
+
+
+def plot(path: Path, closed: dict, workloads: list[str]) -> None:
+    series = {
+        setup: [closed[(setup, workload)]["request_throughput"] for workload in workloads]
+        for setup in ("dvd", "colocated-a", "colocated-b")
+    }
+    bar_plot(path, "Request throughput, closed loop", workloads, series, "requests / s")
+
