@@ -183,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="closed-loop rounds, interleaved and pooled in the report (N rounds take N times longer)")
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--sizes", default="448px,896px,1344px")
-    parser.add_argument("--rate-size", default="896px", help="image size of the fixed-rate runs")
+    parser.add_argument("--rate-size", default=None,
+                        help="image size of the fixed-rate and one-at-a-time runs (default: the middle of --sizes)")
     parser.add_argument("--rate-fractions", default="1.0",
                         help="fixed-rate runs, as fractions of the mean of DvD's and colocated (b)'s closed-loop "
                              "req/s at --rate-size, e.g. 0.5,0.75,1.0 for TTFT against load")
@@ -191,10 +192,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests sent one at a time to each setup at --rate-size (latency without queueing)")
     parser.add_argument("--port-base", type=int, default=46000)
     args = parser.parse_args(argv)
+    sizes = args.sizes.split(",")
+    args.rate_size = args.rate_size or sizes[len(sizes) // 2]
+    if args.rate_size not in sizes:
+        parser.error(f"--rate-size {args.rate_size} is not one of --sizes {args.sizes}")
 
     started = time.perf_counter()
     model_path = bench_model(args.model)
-    loads = workloads(args.output_tokens, args.sizes.split(","))
+    loads = workloads(args.output_tokens, sizes)
     total_threads = args.llm_threads + args.vision_threads
     vision_device = args.vision_device or args.device
     if args.vision_batch_tiles is None:

@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import platform
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from benchmarks.report import write_json
 from language_server.engine import cpu_linear
 from language_server.engine.engine import Engine
 from language_server.engine.sampling import SamplingParams
@@ -43,7 +41,6 @@ from pipeline.checkpoint import open_model
 from pipeline.config import LanguageConfig
 from pipeline.tiny_model import IMG_END_ID, IMG_START_ID, tiny_model_dir
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SMALL_LLM = dict(
     vocab_size=32768, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,
     num_attention_heads=16, num_key_value_heads=8, head_dim=64, max_position_embeddings=8192,
@@ -229,10 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['config']:<8}{r['requests']:>9}{r['concurrency']:>6}{r['generate_req_per_s']:>16.3f}"
               f"{r['engine_req_per_s']:>14.3f}{r['speedup']:>8.2f}x{low:>7.2f}-{high:.2f}x"
               f"{r['speedup_vs_same_kernel']:>15.2f}x{r['identical_tokens']:>8}/{r['requests']}")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"engine_throughput-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    machine = {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "platform": platform.platform()}
-    path.write_text(json.dumps({"machine": machine, "results": rows}, indent=2))
+    path = write_json("engine_throughput", {"results": rows})
     print(f"wrote {path}")
     return 0
 

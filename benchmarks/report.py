@@ -19,6 +19,7 @@ def machine() -> dict[str, Any]:
 
     info = {
         "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),

@@ -23,13 +23,13 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import IO
 
 import torch
 import zmq
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.report import write_json
+
 STAMP = struct.Struct("<dQ")  # send start (perf_counter, CLOCK_MONOTONIC), payload bytes
 WAIT_S = 60.0
 
@@ -289,9 +289,7 @@ def coordinate(args: argparse.Namespace) -> None:
     print(f"payload: {args.tiles} tiles x {args.rows_per_tile} x {args.hidden} bf16 = {nbytes / 1e6:.1f} MB; "
           f"{args.rounds} rounds x {args.reps} reps (median); {os.cpu_count()} CPUs")
     print_table(rows)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / time.strftime("transfer-%Y%m%d-%H%M%S.json")
-    path.write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+    path = write_json("transfer", {"args": vars(args), "rows": rows})
     print(f"wrote {path}")
 
 

@@ -1,0 +1,69 @@
+"""`make bench` end to end, shrunk to the tiny model and a few requests: every setup and load
+runs against real servers, and the report holds every figure the full run reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import socket
+
+import pytest
+
+from benchmarks import bench, report
+
+SETUPS = ("dvd", "colocated-a", "colocated-b")
+
+
+def free_port_base(span: int) -> int:
+    """A base port with `span` free ports after it (the bench lays its setups' ports out in blocks)."""
+    for _ in range(50):
+        base = random.randrange(20000, 30000)
+        sockets = []
+        try:
+            for port in range(base, base + span):
+                sock = socket.socket()
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError("no free port range")
+
+
+def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    argv = ["--model", "tiny", "--sizes", "448px", "--requests", "4", "--concurrency", "2",
+            "--unloaded-requests", "1", "--rate-fractions", "1.0", "--port-base", str(free_port_base(60))]
+    assert bench.main(argv) == 0
+
+    (path,) = tmp_path.glob("bench-*.json")
+    result = json.loads(path.read_text())
+    assert path.with_suffix(".md").read_text().startswith("## Runs")
+    assert path.with_suffix(".png").stat().st_size > 0
+
+    loads = {(run["setup"], run["load"]) for run in result["runs"]}
+    for setup in SETUPS:
+        assert {(setup, "closed-2"), (setup, "closed-1")} <= loads
+        assert any(s == setup and load.startswith("rate-") for s, load in loads)
+    assert {("vision-only", "closed-2"), ("llm-only", "closed-2")} <= loads
+    for run in result["runs"]:
+        assert run["errors"] == 0 and run["completed"] == run["requests"], run
+        assert run["request_throughput"] > 0
+
+    assert [row["comparison"][:3] for row in result["ratios"]] == ["(a)", "(b)"]
+    for row in result["ratios"]:
+        assert math.isclose(row["throughput_ratio"], row["dvd_req_s"] / row["colocated_req_s"])
+    (efficiency,) = result["efficiency"]
+    assert 0 < efficiency["pipeline_efficiency"] < math.inf
+
+
+def test_bench_refuses_a_rate_size_it_does_not_run(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--sizes", "448px", "--rate-size", "896px"])
+    assert stop.value.code == 2
+    assert "--rate-size 896px is not one of --sizes 448px" in capsys.readouterr().err
