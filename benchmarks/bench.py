@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
         for deployment in deployments.values():
             deployment.stop()
 
-    ratios = comparison.ratios(closed, [w.name for w in loads])
+    names = [w.name for w in loads]
+    ratios = comparison.ratios(closed, names)
     report = {
         "args": vars(args),
         "model": str(model_path),
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_json("bench", report)
     markdown = comparison.markdown(report)
     path.with_suffix(".md").write_text(markdown)
-    comparison.plot(path.with_suffix(".png"), closed, [w.name for w in loads])
+    comparison.plot(path.with_suffix(".png"), closed, names)
     print(markdown)
     print(f"\nwrote {path} (+ .md, .png) in {report['wall_s'] / 60:.1f} min")
     return 0
