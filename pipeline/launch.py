@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeline.config import DvDConfig, load_config
-from pipeline.process import die_with_parent
+from pipeline.process import launched_env
 
 HEALTH_ATTEMPT_S = 1.0
 
@@ -36,18 +36,23 @@ class ServerProcess:
     _log_file: IO[bytes] | None = field(default=None, repr=False)
     _terminated: bool = field(default=False, repr=False)
 
-    def start(self, env: dict[str, str]) -> None:
+    def start(self, env: dict[str, str] | None) -> None:
         output: Any = None
         if self.log_path is not None:
             self._log_file = open(self.log_path, "wb")
             output = self._log_file
-        self.process = subprocess.Popen(
-            self.argv, env=env, stdout=output, stderr=output, preexec_fn=die_with_parent
-        )
+        self.process = subprocess.Popen(self.argv, env=launched_env(env), stdout=output, stderr=output)
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def exit_note(self) -> str:
+        """How the process ended ("exit status 1", "killed by SIGSEGV"), or "still running"."""
+        code = None if self.process is None else self.process.poll()
+        if code is None:
+            return "still running"
+        return f"exit status {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.exists():
@@ -149,7 +154,7 @@ class Deployment:
                 try:
                     wait_healthy(server.health_address, deadline - time.monotonic(), lambda s=server: s.alive)
                 except LaunchError as exc:
-                    raise LaunchError(f"{server.name}: {exc}\n{server.log_tail()}") from None
+                    raise LaunchError(f"{server.name}: {exc} ({server.exit_note()})\n{server.log_tail()}") from None
         except BaseException:
             self.stop()
             raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import os
 import signal
 
 import torch
@@ -23,23 +24,42 @@ def start_metrics(host: str, port: int, offset: int = 0) -> None:
         start_http_server(port + offset, addr=host)
 
 
+PARENT_PID_ENV = "DVD_PARENT_PID"
+_PR_SET_PDEATHSIG = 1
+
+
+def launched_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of a server this process launches: `env` (or ours) naming us as its parent."""
+    return {**(os.environ if env is None else env), PARENT_PID_ENV: str(os.getpid())}
+
+
 def die_with_parent() -> None:
-    """Linux: ask the kernel to SIGTERM this process when its parent dies (use as preexec_fn)."""
+    """Linux: have the kernel SIGTERM this server when the launcher named in DVD_PARENT_PID dies.
+
+    Done here, after exec, rather than in a Popen preexec_fn: code run between fork and exec is
+    unsafe in a launcher that has threads (gRPC's), and the child can die before it execs.
+    """
+    parent = os.environ.pop(PARENT_PID_ENV, None)  # so that our own children do not inherit it
+    if parent is None:
+        return
     try:
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGTERM)
     except OSError:
-        pass
+        return
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != int(parent):  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def server_args(prog: str, description: str, argv: list[str] | None, replica: bool = False):
-    """Parse a server's command line and load its config; exits with status 2 on a config error."""
+    """Every server's start: tie it to its launcher (die_with_parent), parse its command line and
+    load its config; exits with status 2 on a config error."""
     import argparse
     import sys
 
     from pipeline.config import ConfigError, load_config, parse_override
 
+    die_with_parent()
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--config", required=True, help="deployment YAML file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")

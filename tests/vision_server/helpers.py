@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.channels import PushChannel
 from pipeline.config import TransportConfig
-from pipeline.launch import ServerProcess, wait_healthy
+from pipeline.launch import LaunchError, ServerProcess, wait_healthy
 from pipeline.transport import create_backend
 from pipeline.wire import FeatureHeader, VisionJob, decode_features, decode_header
 from tests.conftest import TINY_CONFIG, free_ports
@@ -78,9 +78,9 @@ def start_vision_server(overrides: dict[str, Any], log_dir: Path) -> tuple[Serve
     server.start(env=None)
     try:
         wait_healthy(server.health_address, 120, lambda: server.alive)
-    except Exception:
+    except LaunchError as exc:
         server.stop(10)
-        raise
+        raise LaunchError(f"{exc} ({server.exit_note()})\n{server.log_tail()}") from None
     return server, settings
 
 
