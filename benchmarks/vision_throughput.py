@@ -32,7 +32,7 @@ from benchmarks.report import markdown_table, write_json
 from benchmarks.workloads import PHOTOS, SIZES, photo
 from pipeline.channels import PushChannel
 from pipeline.config import TransportConfig
-from pipeline.launch import Deployment, ServerProcess, wait_healthy
+from pipeline.launch import Deployment, ServerProcess
 from pipeline.transport import create_backend
 from pipeline.wire import VisionJob, decode_header
 
@@ -69,7 +69,7 @@ def start_vision(overrides: dict[str, Any], log_dir: Path) -> tuple[ServerProces
     argv += [f"--set={k}={v}" for k, v in {**settings, **overrides}.items()]
     server = ServerProcess("vision", argv, f"127.0.0.1:{grpc_port}", log_path=log_dir / f"vision-{job_port}.log")
     server.start(env=None)
-    wait_healthy(server.health_address, 180, lambda: server.alive)
+    server.wait_ready(180)
     return server, job_port, metrics_port
 
 

@@ -18,10 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig, PreTrainedConfig
 
-from pipeline.checkpoint_names import PARTS, CheckpointError, Format, Part, hf_to_original, part_of, renamer
-
-__all__ = ["PARTS", "Checkpoint", "CheckpointError", "Format", "LoadedPart", "Part", "hf_to_original",
-           "materialize", "open_checkpoint", "open_model"]
+from pipeline.checkpoint_names import CheckpointError, Format, Part, part_of, renamer
 
 
 @dataclass

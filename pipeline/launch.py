@@ -59,6 +59,13 @@ class ServerProcess:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
+    def wait_ready(self, timeout_s: float) -> None:
+        """Wait until healthy; on failure a LaunchError with how the process ended and its log tail."""
+        try:
+            wait_healthy(self.health_address, timeout_s, lambda: self.alive)
+        except LaunchError as exc:
+            raise LaunchError(f"{self.name}: {exc} ({self.exit_note()})\n{self.log_tail()}") from None
+
     def terminate(self) -> None:
         """Ask the process to shut down (once; a second SIGTERM could cut its clean-up short)."""
         if self.alive and not self._terminated:
@@ -151,10 +158,7 @@ class Deployment:
                 server.start(self.env)
             deadline = time.monotonic() + timeout_s
             for server in self.servers:
-                try:
-                    wait_healthy(server.health_address, deadline - time.monotonic(), lambda s=server: s.alive)
-                except LaunchError as exc:
-                    raise LaunchError(f"{server.name}: {exc} ({server.exit_note()})\n{server.log_tail()}") from None
+                server.wait_ready(deadline - time.monotonic())
         except BaseException:
             self.stop()
             raise

@@ -241,7 +241,7 @@ def generate(
     """Write a random model in HF-native (root/hf), original (root/original) and Flash (root/flash) formats."""
     from safetensors.torch import save_file
 
-    from pipeline.checkpoint import hf_to_original
+    from pipeline.checkpoint_names import hf_to_original
     from pipeline.tiny_flash import write_flash
 
     tokenizer = build_tokenizer()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.checkpoint import hf_to_original
+from pipeline.checkpoint_names import hf_to_original
 from pipeline.client import sampling
 from pipeline.tiny_model import tiny_model_dir
 from tests.conftest import photo_bytes

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pipeline.channels import PushChannel
 from pipeline.config import TransportConfig
-from pipeline.launch import LaunchError, ServerProcess, wait_healthy
+from pipeline.launch import LaunchError, ServerProcess
 from pipeline.transport import create_backend
 from pipeline.wire import FeatureHeader, VisionJob, decode_features, decode_header
 from tests.conftest import TINY_CONFIG, free_ports
@@ -77,10 +77,10 @@ def start_vision_server(overrides: dict[str, Any], log_dir: Path) -> tuple[Serve
     server = ServerProcess("vision", argv, f"127.0.0.1:{grpc_port}", log_path=log_dir / "vision.log")
     server.start(env=None)
     try:
-        wait_healthy(server.health_address, 120, lambda: server.alive)
-    except LaunchError as exc:
+        server.wait_ready(120)
+    except LaunchError:
         server.stop(10)
-        raise LaunchError(f"{exc} ({server.exit_note()})\n{server.log_tail()}") from None
+        raise
     return server, settings
 
 
