@@ -19,7 +19,7 @@ class AsyncEngine:
         """Yield outputs until the request finishes; leaving early (cancellation) aborts it."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[EngineOutput] = asyncio.Queue()
-        self.engine.add_request(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        handle = self.engine.add_request(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
         finished = False
         try:
             while not finished:
@@ -28,4 +28,4 @@ class AsyncEngine:
                 yield output
         finally:
             if not finished:
-                self.engine.abort(request.request_id)
+                self.engine.abort(handle)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -30,7 +31,9 @@ class Engine:
     """Runs every active request in every step.
 
     `add_request` and `abort` may be called from any thread. `start()` runs steps in the engine
-    thread; tests may instead call `step()` themselves. Taking the model over switches its
+    thread; tests may instead call `step()` themselves. Requests are keyed by the engine's own
+    handle (what `add_request` returns), never by the client's request_id, so two requests that
+    share an id cannot touch each other. Taking the model over switches its
     attention implementation to the engine's paged attention.
     """
 
@@ -49,7 +52,8 @@ class Engine:
         self.scheduler = Scheduler(config.max_num_seqs, config.max_num_batched_tokens, self.blocks, self._admit)
         self.sampler = Sampler()
         self._inbox: queue.SimpleQueue[tuple[str, object, Sink | None]] = queue.SimpleQueue()
-        self._sinks: dict[str, Sink] = {}
+        self._sinks: dict[int, Sink] = {}
+        self._handles = itertools.count(1)
         self._outputs: list[EngineOutput] = []
         self._lock = threading.Lock()  # held by whoever is stepping or draining the inbox
         self._wakeup = threading.Event()
@@ -81,15 +85,18 @@ class Engine:
             finally:
                 self._lock.release()
 
-    def add_request(self, request: EngineRequest, sink: Sink) -> None:
-        """Queue a request; `sink` receives its outputs (on the engine thread)."""
-        self._inbox.put(("add", request, sink))
+    def add_request(self, request: EngineRequest, sink: Sink) -> int:
+        """Queue a request; `sink` receives its outputs (on the engine thread). Returns the
+        request's handle, unique in this engine, for `abort`."""
+        handle = next(self._handles)
+        self._inbox.put(("add", (handle, request), sink))
         self._wakeup.set()
+        return handle
 
-    def abort(self, request_id: str) -> None:
-        """Drop a request and free its KV blocks: now when the engine is idle, else right after the
-        step in progress. Its sink gets nothing more."""
-        self._inbox.put(("abort", request_id, None))
+    def abort(self, handle: int) -> None:
+        """Drop a request (by the handle `add_request` returned) and free its KV blocks: now when
+        the engine is idle, else right after the step in progress. Its sink gets nothing more."""
+        self._inbox.put(("abort", handle, None))
         self._wakeup.set()
         if self._lock.acquire(blocking=False):
             try:
@@ -180,7 +187,7 @@ class Engine:
             self._check_runnable(seq)
         except Exception as exc:  # noqa: BLE001 - fails this request only
             self._emit(seq, seq.fail(exc))
-            self._sinks.pop(seq.request_id, None)
+            self._sinks.pop(seq.handle, None)
             return False
         seq.mark_scheduled()
         return True
@@ -207,29 +214,26 @@ class Engine:
             except queue.Empty:
                 return
             if kind == "add":
-                self._add(payload, sink)
+                handle, request = payload
+                self._add(handle, request, sink)
             else:
                 self.scheduler.abort(payload)
                 self._sinks.pop(payload, None)
 
-    def _add(self, request: EngineRequest, sink: Sink) -> None:
-        seq = Sequence(request, self.tokenizer, self.config.max_model_len)
-        if request.request_id in self._sinks:
-            error = ValueError(f"request id {request.request_id!r} is already in the engine")
-            self._deliver(sink, seq.fail(error))
-            return
-        self._sinks[seq.request_id] = sink
+    def _add(self, handle: int, request: EngineRequest, sink: Sink) -> None:
+        seq = Sequence(request, self.tokenizer, self.config.max_model_len, handle)
+        self._sinks[handle] = sink
         self.scheduler.add(seq)
 
     def _finish(self, seq: Sequence, output: EngineOutput) -> None:
         self.scheduler.finish(seq)
         self._emit(seq, output)
-        self._sinks.pop(seq.request_id, None)
+        self._sinks.pop(seq.handle, None)
 
     def _emit(self, seq: Sequence, output: EngineOutput) -> None:
-        sink = self._sinks.get(seq.request_id)
+        sink = self._sinks.get(seq.handle)
         if sink is not None and not self._deliver(sink, output):
-            self._sinks.pop(seq.request_id, None)
+            self._sinks.pop(seq.handle, None)
 
     def _deliver(self, sink: Sink, output: EngineOutput) -> bool:
         self._outputs.append(output)

@@ -102,10 +102,10 @@ class Scheduler:
         self.blocks.free(seq)
         seq.status = Status.FINISHED
 
-    def abort(self, request_id: str) -> Sequence | None:
-        """Remove the request's sequence wherever it is and free its blocks at once."""
+    def abort(self, handle: int) -> Sequence | None:
+        """Remove the sequence with this engine handle wherever it is and free its blocks at once."""
         for seq in [*self.running, *self.waiting]:
-            if seq.request_id == request_id:
+            if seq.handle == handle:
                 self.finish(seq)
                 return seq
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum, auto
@@ -14,6 +15,7 @@ from language_server.engine.sampling import SampleOutput, SamplingParams
 
 
 Prepared = tuple[list[int], "torch.Tensor | None"]
+_handles = itertools.count(-1, -1)  # for sequences built outside an engine (tests, tools)
 
 
 @dataclass
@@ -64,11 +66,13 @@ class Sequence:
 
     Its tokens are the prompt followed by the output so far. The first `num_computed_tokens` of
     them have their keys and values in the KV cache, in the blocks listed by `block_table`;
-    preemption by recompute drops both and starts over from token 0.
+    preemption by recompute drops both and starts over from token 0. `handle` identifies it in
+    the engine; `request_id` (the client's) is only echoed.
     """
 
-    def __init__(self, request: EngineRequest, tokenizer, max_model_len: int) -> None:
+    def __init__(self, request: EngineRequest, tokenizer, max_model_len: int, handle: int | None = None) -> None:
         self.request = request
+        self.handle = next(_handles) if handle is None else handle
         self.request_id = request.request_id
         self.params = request.params
         self.max_model_len = max_model_len

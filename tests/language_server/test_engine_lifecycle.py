@@ -26,10 +26,10 @@ def test_abort_frees_blocks_at_once_wherever_the_request_is(make_engine, mixed_c
     engine = make_engine(max_num_batched_tokens=64, max_num_seqs=2)
     prefilling, decoding, waiting = mixed_cases[3], mixed_cases[5], mixed_cases[0]  # 1807, ~20, ~20 tokens
     sinks = {c.request_id: Collected() for c in (prefilling, decoding, waiting)}
-    engine.add_request(decoding.request(ignore_eos=True), sinks[decoding.request_id])
+    handles = {decoding.request_id: engine.add_request(decoding.request(ignore_eos=True), sinks[decoding.request_id])}
     engine.step()
-    engine.add_request(prefilling.request(), sinks[prefilling.request_id])
-    engine.add_request(waiting.request(), sinks[waiting.request_id])
+    handles[prefilling.request_id] = engine.add_request(prefilling.request(), sinks[prefilling.request_id])
+    handles[waiting.request_id] = engine.add_request(waiting.request(), sinks[waiting.request_id])
     for _ in range(4):
         engine.step()
     long_seq, short_seq = _seq(engine, prefilling.request_id), _seq(engine, decoding.request_id)
@@ -37,13 +37,13 @@ def test_abort_frees_blocks_at_once_wherever_the_request_is(make_engine, mixed_c
     assert short_seq.output_ids  # decoding
     assert engine.num_waiting == 1 and engine.num_running == 2
 
-    engine.abort(waiting.request_id)
+    engine.abort(handles[waiting.request_id])
     assert engine.num_waiting == 0
-    engine.abort(prefilling.request_id)
+    engine.abort(handles[prefilling.request_id])
     assert engine.kv_blocks_used == len(short_seq.block_table) > 0
     engine.step()
     received = sinks[decoding.request_id].outputs
-    engine.abort(decoding.request_id)
+    engine.abort(handles[decoding.request_id])
     assert engine.kv_blocks_used == 0 and engine.num_running == 0
     engine.step()
     assert sinks[decoding.request_id].outputs == received
@@ -57,15 +57,17 @@ def test_aborted_requests_do_not_disturb_the_others(make_engine, mixed_cases, st
     kept = [c for c in cases if c.request_id not in aborts.values()]
     # `drive` waits for every request to finish; aborted ones never do, so step by hand.
     results: dict[str, Collected] = {}
+    handles: dict[str, int] = {}
     for step in range(20_000):
         if step < len(cases):
             results[cases[step].request_id] = Collected()
-            engine.add_request(cases[step].request(stop_token_ids=stop_ids), results[cases[step].request_id])
+            request = cases[step].request(stop_token_ids=stop_ids)
+            handles[request.request_id] = engine.add_request(request, results[request.request_id])
         elif all(results[c.request_id].finished for c in kept):
             break
         engine.step()
         if step in aborts:
-            engine.abort(aborts[step])
+            engine.abort(handles[aborts[step]])
     for case in kept:
         assert results[case.request_id].token_ids == case.expected
     for request_id in aborts.values():
@@ -161,17 +163,27 @@ def test_requests_that_cannot_run_fail_alone(make_engine, mixed_cases, stop_ids)
     assert results[good.request_id].token_ids == mixed_cases[1].expected
 
 
-def test_a_request_id_already_in_the_engine_is_refused(make_engine, mixed_cases):
+def test_requests_sharing_a_request_id_are_independent(make_engine, mixed_cases, stop_ids):
+    """The client picks request_id; the engine keys requests by its own handle. A second request
+    reusing a running request's id, cancelled before the engine even read it, must not abort the
+    first, and two requests with one id both complete."""
     engine = make_engine()
-    first, again = Collected(), Collected()
-    engine.add_request(mixed_cases[0].request(), first)
-    engine.add_request(mixed_cases[0].request(), again)
+    case = mixed_cases[0]
+    first, cancelled, twin = Collected(), Collected(), Collected()
+    engine.add_request(case.request(stop_token_ids=stop_ids), first)
+    for _ in range(3):
+        engine.step()
+    assert engine.num_running == 1 and not first.finished
+    engine.abort(engine.add_request(case.request(stop_token_ids=stop_ids), cancelled))
+    engine.add_request(case.request(stop_token_ids=stop_ids), twin)
     for _ in range(1000):
-        if first.finished:
+        if first.finished and twin.finished:
             break
         engine.step()
-    assert first.error is None and first.token_ids
-    assert isinstance(again.error, ValueError)
+    assert first.error is None and first.token_ids == case.expected
+    assert twin.error is None and twin.token_ids == case.expected
+    assert cancelled.outputs == 0
+    assert engine.kv_blocks_used == 0
 
 
 def test_max_num_seqs_bounds_the_running_set(make_engine, mixed_cases, stop_ids):
