@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_TOP_LOGPROBS = 20
+# Below this a temperature only sharpens the distribution into its argmax, and dividing logits by
+# it overflows float32: such requests are greedy, as in vLLM (_SAMPLING_EPS).
+GREEDY_TEMPERATURE = 1e-5
+# Outside this range a penalty pushes logits to inf or 0; common values are 1.0-1.3.
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+# Every generated token is checked against every stop string (engine thread, whole batch waits).
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
 
 
 @dataclass(frozen=True)
@@ -20,7 +29,7 @@ class SamplingParams:
     """How one request picks its tokens and when it stops."""
 
     max_new_tokens: int = 256
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_TEMPERATURE) = greedy
     top_p: float = 1.0  # (0, 1]
     top_k: int = 0  # 0 = off
     repetition_penalty: float = 1.0  # HF semantics, over prompt + output tokens
@@ -40,19 +49,27 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not (self.repetition_penalty > 0.0 and math.isfinite(self.repetition_penalty)):
-            raise ValueError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise ValueError(
+                f"repetition_penalty must be in {MIN_REPETITION_PENALTY:g}..{MAX_REPETITION_PENALTY:g}, "
+                f"got {self.repetition_penalty}"
+            )
         if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
+        if len(self.stop) > MAX_STOP_STRINGS:
+            raise ValueError(f"{len(self.stop)} stop strings exceed the limit of {MAX_STOP_STRINGS}")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise ValueError(f"stop strings must be non-empty strings, got {self.stop!r}")
+        longest = max((len(s) for s in self.stop), default=0)
+        if longest > MAX_STOP_STRING_CHARS:
+            raise ValueError(f"a stop string is {longest} characters, over the limit of {MAX_STOP_STRING_CHARS}")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be >= 0, got {self.stop_token_ids!r}")
 
     @property
     def is_greedy(self) -> bool:
-        """True when the request takes the most likely token (temperature 0)."""
-        return self.temperature == 0.0
+        """True when the request takes the most likely token (temperature below GREEDY_TEMPERATURE)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def make_generator(self) -> torch.Generator | None:
         """The per-request generator to pass to every `Sampler.sample` call, or None without a seed."""
@@ -103,7 +120,14 @@ class Sampler:
             # One uniform draw per row and step, from the row's own generator when it has one,
             # so a seeded row's tokens do not depend on what else is in the batch.
             uniforms = torch.cat([self._uniform(generators[i]) for i in sampled]).to(raw.device)
-            chosen[rows] = _inverse_cdf(_take_rows(scores, rows).softmax(dim=-1), uniforms)
+            warped = _take_rows(scores, rows)
+            probs = warped.softmax(dim=-1)
+            picked = _inverse_cdf(probs, uniforms)
+            broken = ~torch.isfinite(probs).all(dim=-1)
+            if bool(broken.any()):  # e.g. NaN logits: the cdf means nothing, take the best score
+                best = torch.nan_to_num(warped, nan=float("-inf")).argmax(dim=-1)
+                picked = torch.where(broken, best, picked)
+            chosen[rows] = picked
         return _outputs(raw, chosen, params)
 
     def _uniform(self, generator: torch.Generator | None) -> torch.Tensor:

@@ -10,6 +10,7 @@ import grpc
 import pytest
 from PIL import Image
 
+from language_server.engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from pipeline.client import image, message, sampling
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import photo_bytes
@@ -55,6 +56,9 @@ BAD_REQUESTS = {
     "negative_temperature": (_ask(), {"temperature": -0.5}, "temperature"),
     "top_p_zero": (_ask(), {"top_p": 0.0}, "top_p"),
     "top_p_above_one": (_ask(), {"top_p": 1.01}, "top_p"),
+    "tiny_repetition_penalty": (_ask(), {"repetition_penalty": 1e-30}, "repetition_penalty"),
+    "too_many_stop_strings": (_ask(), {"stop": [f"s{i}" for i in range(MAX_STOP_STRINGS + 1)]}, "limit of 16"),
+    "long_stop_string": (_ask(), {"stop": ["x" * (MAX_STOP_STRING_CHARS + 1)]}, "limit of 256"),
     "too_many_tiles": (_ask(image(photo_bytes("coffee"), max_tiles=40)), {}, "max_tiles"),
     "unset_role": ([pb.Message(content=[pb.ContentPart(text="hi")])], {}, "role is not set"),
     "assistant_last": ([message("user", "hi"), message("assistant", "hello")], {}, "last message"),

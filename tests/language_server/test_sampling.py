@@ -11,7 +11,15 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from language_server.engine.sampling import SampleOutput, Sampler, SamplingParams, process_logits
+from language_server.engine.sampling import (
+    GREEDY_TEMPERATURE,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    SampleOutput,
+    Sampler,
+    SamplingParams,
+    process_logits,
+)
 
 VOCAB = 5000
 
@@ -228,9 +236,14 @@ def test_validate_accepts_defaults_and_sensible_values():
         ("top_k", -1),
         ("repetition_penalty", 0.0),
         ("repetition_penalty", -1.0),
+        ("repetition_penalty", 1e-40),
+        ("repetition_penalty", 1e6),
+        ("repetition_penalty", float("nan")),
         ("top_logprobs", -1),
         ("top_logprobs", 21),
         ("stop", ("ok", "")),
+        ("stop", tuple(f"s{i}" for i in range(MAX_STOP_STRINGS + 1))),
+        ("stop", ("x" * (MAX_STOP_STRING_CHARS + 1),)),
         ("stop_token_ids", (151645, -1)),
     ],
 )
@@ -238,6 +251,36 @@ def test_validate_rejects_bad_values_naming_the_field(field, value):
     params = SamplingParams(**{field: value})
     with pytest.raises(ValueError, match=field):
         params.validate()
+
+
+def test_stop_string_limits_name_the_limit():
+    with pytest.raises(ValueError, match=f"limit of {MAX_STOP_STRINGS}"):
+        SamplingParams(stop=("s",) * (MAX_STOP_STRINGS + 1)).validate()
+    with pytest.raises(ValueError, match=f"limit of {MAX_STOP_STRING_CHARS}"):
+        SamplingParams(stop=("x" * (MAX_STOP_STRING_CHARS + 1),)).validate()
+    SamplingParams(stop=("x" * MAX_STOP_STRING_CHARS,) * MAX_STOP_STRINGS).validate()
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-45, GREEDY_TEMPERATURE / 2])
+def test_a_vanishing_temperature_is_greedy(temperature):
+    logits = torch.randn(2, 1000, generator=torch.Generator().manual_seed(0)) * 5
+    params = SamplingParams(temperature=temperature)
+    params.validate()
+    outputs = Sampler().sample(logits, [params] * 2, [None] * 2, [torch.empty(0, dtype=torch.long)] * 2)
+    assert params.is_greedy
+    assert [o.token_id for o in outputs] == logits.argmax(dim=-1).tolist()
+
+
+def test_rows_whose_probabilities_are_not_finite_take_the_best_score():
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(1))
+    logits[0, 7] = float("inf")  # softmax of inf - inf is NaN
+    logits[1, :] = float("nan")
+    logits[1, 3] = 2.0
+    params = [SamplingParams(temperature=1.0)] * 3
+    outputs = Sampler(torch.Generator().manual_seed(0)).sample(logits, params, [None] * 3, [torch.tensor([])] * 3)
+    assert outputs[0].token_id == 7
+    assert outputs[1].token_id == 3
+    assert 0 <= outputs[2].token_id < 50
 
 
 def test_mismatched_batch_is_rejected():
