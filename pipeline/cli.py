@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 import signal
 import sys
 import threading
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.launch import Deployment, LaunchError
+    from pipeline.launch import Deployment, LaunchError, StartInterrupted
 
     deployment = Deployment(args.config, dict(parse_override(s) for s in args.set))
     stop = threading.Event()
@@ -58,7 +59,10 @@ def _serve(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     print(f"dvd: starting {', '.join(s.name for s in deployment.servers)} from {args.config} ...", flush=True)
     try:
-        deployment.start(timeout_s=args.timeout)
+        deployment.start(timeout_s=args.timeout, cancel=stop)
+    except StartInterrupted:
+        print("dvd: start-up interrupted; servers stopped", file=sys.stderr)
+        return 130
     except LaunchError as exc:
         print(f"dvd: start-up failed: {exc}", file=sys.stderr)
         return 1
@@ -84,18 +88,22 @@ def _ready_message(deployment) -> str:
         python = python.relative_to(Path.cwd())
     except ValueError:
         pass
+    key = f" --api-key {shlex.quote(config.language.api_key)}" if config.language.api_key else ""
     lines = [
         f"dvd: ready - model {config.model.name or config.model.path} ({config.mode})",
         f"  gRPC API      {deployment.address}  (dvd.v1.Generation; health and reflection on)",
     ]
-    if config.mode == "decoupled":
-        lines.append(f"  vision server {config.vision.host}:{config.vision.job_port}")
+    if config.mode == "decoupled" and config.language.vision_servers:
+        lines.append(f"  vision        external: {', '.join(config.language.vision_servers)}")
+    elif config.mode == "decoupled":
+        lines.append(f"  vision server {', '.join(config.vision_endpoints)}")
     if config.language.metrics_port:
         lines.append(f"  metrics       http://{config.language.host}:{config.language.metrics_port}/metrics")
     lines += [
         "",
         "Try, in another terminal:",
-        f'  {python} -m pipeline chat --address {deployment.address} --image {sample} "What is in this image?"',
+        f"  {python} -m pipeline chat --address {deployment.address}{key} --image {sample} "
+        '"What is in this image?"',
         "",
         "Ctrl-C stops both servers.",
     ]

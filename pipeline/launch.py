@@ -6,22 +6,29 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeline.config import DvDConfig, load_config
 from pipeline.process import launched_env
+from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 
 HEALTH_ATTEMPT_S = 1.0
+OWNER_CHECK_S = 10.0
 
 
 class LaunchError(RuntimeError):
     """A server failed to start or to become healthy."""
+
+
+class StartInterrupted(LaunchError):
+    """Start-up was cancelled (Ctrl-C) before every server was healthy."""
 
 
 @dataclass
@@ -32,11 +39,19 @@ class ServerProcess:
     argv: list[str]
     health_address: str
     log_path: Path | None = None
+    api_key: str = ""  # sent with the Admin call that checks who answers at health_address
     process: subprocess.Popen | None = None
     _log_file: IO[bytes] | None = field(default=None, repr=False)
     _terminated: bool = field(default=False, repr=False)
 
     def start(self, env: dict[str, str] | None) -> None:
+        """Start the process. Main thread only: the server asks the kernel to end it when the thread
+        that forked it exits (PR_SET_PDEATHSIG follows threads, not processes; see die_with_parent),
+        so a server started from a worker thread would die with that thread."""
+        if threading.current_thread() is not threading.main_thread():
+            raise LaunchError(
+                f"{self.name}: servers must be started from the main thread (a server dies with the thread that started it)"
+            )
         output: Any = None
         if self.log_path is not None:
             self._log_file = open(self.log_path, "wb")
@@ -59,10 +74,14 @@ class ServerProcess:
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
-    def wait_ready(self, timeout_s: float) -> None:
-        """Wait until healthy; on failure a LaunchError with how the process ended and its log tail."""
+    def wait_ready(self, timeout_s: float, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Wait until this process (not another one holding its port) is healthy; on failure a
+        LaunchError with how the process ended and its log tail. StartInterrupted once `cancelled()`."""
         try:
-            wait_healthy(self.health_address, timeout_s, lambda: self.alive)
+            wait_healthy(self.health_address, timeout_s, lambda: self.alive, cancelled)
+            check_owner(self.health_address, self.process.pid, self.api_key)
+        except StartInterrupted:
+            raise
         except LaunchError as exc:
             raise LaunchError(f"{self.name}: {exc} ({self.exit_note()})\n{self.log_tail()}") from None
 
@@ -86,12 +105,21 @@ class ServerProcess:
             self._log_file = None
 
 
-def wait_healthy(address: str, timeout_s: float, is_alive=lambda: True) -> None:
-    """Block until the gRPC health service at `address` reports SERVING (or raise LaunchError)."""
+def wait_healthy(
+    address: str,
+    timeout_s: float,
+    is_alive: Callable[[], bool] = lambda: True,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> None:
+    """Block until the gRPC health service at `address` reports SERVING (or raise LaunchError).
+
+    Whatever answers there counts; ServerProcess.wait_ready also checks that it is its own process."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(address) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
+            if cancelled():
+                raise StartInterrupted(f"start-up interrupted while waiting for {address}")
             if not is_alive():
                 raise LaunchError(f"the server for {address} exited during start-up")
             try:
@@ -104,6 +132,26 @@ def wait_healthy(address: str, timeout_s: float, is_alive=lambda: True) -> None:
                 if exc.code() not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE):
                     raise LaunchError(f"health check of {address} failed: {exc.details()}") from None
     raise LaunchError(f"{address} did not become healthy within {timeout_s:g} s")
+
+
+def check_owner(address: str, pid: int, api_key: str = "") -> None:
+    """Raise LaunchError unless the DvD server answering at `address` is process `pid`."""
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
+    with grpc.insecure_channel(address) as channel:
+        try:
+            info = admin_pb2_grpc.AdminStub(channel).GetServerInfo(
+                admin_pb2.GetServerInfoRequest(), timeout=OWNER_CHECK_S, metadata=metadata
+            )
+        except grpc.RpcError as exc:
+            raise LaunchError(
+                f"{address} is held by another process: something answers health checks there, "
+                f"but not dvd.v1.Admin as the server started here ({exc.code().name})"
+            ) from None
+    if info.pid != pid:
+        raise LaunchError(
+            f"{address} is held by another process: a DvD {info.role or 'server'} with pid {info.pid} "
+            f"answers there, not the server started here (pid {pid}); stop it or choose other ports"
+        )
 
 
 class Deployment:
@@ -138,17 +186,21 @@ class Deployment:
                 argv = [sys.executable, "-m", "vision_server", *common, "--replica", str(i)]
                 servers.append(ServerProcess(f"vision-{i}", argv, f"{vc.host}:{vc.grpc_port + i}"))
         if self.config.mode == "colocated":
-            servers.append(ServerProcess("colocated", [sys.executable, "-m", "pipeline.colocated", *common], self.address))
+            name, argv = "colocated", [sys.executable, "-m", "pipeline.colocated", *common]
         else:
-            servers.append(ServerProcess("language", [sys.executable, "-m", "language_server", *common], self.address))
+            name, argv = "language", [sys.executable, "-m", "language_server", *common]
+        servers.append(ServerProcess(name, argv, self.address, api_key=lc.api_key))
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             for server in servers:
                 server.log_path = self.log_dir / f"{server.name}.log"
         return servers
 
-    def start(self, timeout_s: float = 300.0) -> Deployment:
-        """Start all servers and wait until every one is healthy; on failure stop them all."""
+    def start(self, timeout_s: float = 300.0, cancel: threading.Event | None = None) -> Deployment:
+        """Start all servers and wait until every one is healthy; on failure stop them all.
+
+        Setting `cancel` (from a signal handler, say) ends the wait with StartInterrupted."""
+        cancelled = cancel.is_set if cancel is not None else (lambda: False)
         if self.config.model.path == "tiny":
             from pipeline.tiny_model import tiny_model_dir
 
@@ -158,7 +210,7 @@ class Deployment:
                 server.start(self.env)
             deadline = time.monotonic() + timeout_s
             for server in self.servers:
-                server.wait_ready(deadline - time.monotonic())
+                server.wait_ready(deadline - time.monotonic(), cancelled)
         except BaseException:
             self.stop()
             raise
@@ -170,6 +222,7 @@ class Deployment:
             server.terminate()
         for server in reversed(self.servers):
             server.stop(timeout_s)
+        _sweep_shm_segments()
 
     def failed(self) -> ServerProcess | None:
         """A server that has exited, if any."""
@@ -180,6 +233,16 @@ class Deployment:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _sweep_shm_segments() -> None:
+    """Unlink the shm transport's segments left by servers that were killed before their clean-up."""
+    from pipeline.transport.shm_segments import sweep_stale_segments
+
+    try:
+        sweep_stale_segments()
+    except OSError:  # someone else's segment we may not unlink; nothing of ours is left behind by it
+        pass
 
 
 def _yaml(value: Any) -> str:

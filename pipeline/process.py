@@ -38,6 +38,9 @@ def die_with_parent() -> None:
 
     Done here, after exec, rather than in a Popen preexec_fn: code run between fork and exec is
     unsafe in a launcher that has threads (gRPC's), and the child can die before it execs.
+    The kernel's "parent" here is the launcher's thread that forked us, not its process: the
+    signal also comes when that thread exits, so launchers start servers from their main thread
+    (ServerProcess.start enforces it).
     """
     parent = os.environ.pop(PARENT_PID_ENV, None)  # so that our own children do not inherit it
     if parent is None:

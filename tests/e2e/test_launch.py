@@ -1,5 +1,6 @@
-"""`make serve`'s launcher: both servers start, a working client command is printed, Ctrl-C leaves nothing
-behind, a killed launcher takes its servers with it, and a server that fails to start says why."""
+"""`make serve`'s launcher: both servers start, a working client command is printed, Ctrl-C (also during
+start-up) leaves nothing behind, a killed launcher takes its servers with it, a server that fails to start
+says why, and a port answered by another process is not mistaken for a started server."""
 
 from __future__ import annotations
 
@@ -43,18 +44,24 @@ def _read_until(lines: queue.Queue, marker: str) -> list[str]:
             return seen
 
 
-def _pid_of(address: str) -> int:
+def _pid_of(address: str, api_key: str = "") -> int:
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     with grpc.insecure_channel(address) as channel:
-        return admin_pb2_grpc.AdminStub(channel).GetServerInfo(admin_pb2.GetServerInfoRequest(), timeout=30).pid
+        stub = admin_pb2_grpc.AdminStub(channel)
+        return stub.GetServerInfo(admin_pb2.GetServerInfoRequest(), timeout=30, metadata=metadata).pid
 
 
 def _running(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):  # reaped
         return False
-    with open(f"/proc/{pid}/stat") as stat:
-        return stat.read().split()[2] != "Z"
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
 
 
 def _launch(overrides: dict) -> subprocess.Popen:
@@ -69,11 +76,12 @@ def _launch(overrides: dict) -> subprocess.Popen:
 
 
 def _server_pids(overrides: dict) -> list[int]:
-    return [_pid_of(f"127.0.0.1:{overrides[key]}") for key in ("vision.grpc_port", "language.grpc_port")]
+    key = overrides.get("language.api_key", "")
+    return [_pid_of(f"127.0.0.1:{overrides[k]}", key) for k in ("vision.grpc_port", "language.grpc_port")]
 
 
 def test_serve_prints_a_working_client_command_and_ctrl_c_stops_everything():
-    overrides = port_overrides()
+    overrides = {**port_overrides(), "language.api_key": "s3cret"}  # the printed command must carry it
     launcher = _launch(overrides)
     try:
         lines = _lines(launcher.stdout)
@@ -120,3 +128,74 @@ def test_a_server_that_fails_to_start_is_reported_with_its_exit_and_log(tmp_path
     assert message.startswith("vision-0: ") and "(exit status 1)" in message
     assert "absent" in message  # the log tail says what was wrong
     assert all(not server.alive for server in deployment.servers)
+
+
+def test_ctrl_c_during_start_up_stops_the_servers():
+    launcher = _launch(port_overrides())
+    try:
+        _read_until(_lines(launcher.stdout), "dvd: starting")
+        assert wait_until(lambda: len(_children(launcher.pid)) == 2, timeout_s=30)
+        pids = _children(launcher.pid)
+        launcher.send_signal(signal.SIGINT)  # the servers are still loading
+        assert launcher.wait(timeout=60) == 130
+        assert not any(_running(pid) for pid in pids)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
+
+
+def test_a_port_held_by_another_server_fails_start_up(tmp_path):
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from pipeline.launch import Deployment, LaunchError
+
+    other = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.so_reuseport", 0)])
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, other)
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    try:
+        overrides = {**port_overrides(), "language.grpc_port": port, "language.vision_servers": ["127.0.0.1:9"]}
+        deployment = Deployment(TINY_CONFIG, overrides, log_dir=tmp_path)
+        with pytest.raises(LaunchError) as failure:
+            deployment.start(timeout_s=START_TIMEOUT_S)
+        assert str(failure.value).startswith(f"language: 127.0.0.1:{port} is held by another process")
+        assert all(not server.alive for server in deployment.servers)
+    finally:
+        other.stop(0)
+
+
+def test_servers_start_only_from_the_main_thread():
+    from pipeline.launch import LaunchError, ServerProcess
+
+    server = ServerProcess("probe", [sys.executable, "-c", "pass"], "127.0.0.1:9")
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            server.start(None)
+        except LaunchError as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=start)
+    worker.start()
+    worker.join(30)
+    assert server.process is None
+    assert len(errors) == 1 and "main thread" in str(errors[0])
+
+
+def test_stop_sweeps_shm_segments_of_dead_servers():
+    from pipeline.launch import Deployment
+    from pipeline.transport.shm_segments import PREFIX, SHM_DIR
+
+    stale = SHM_DIR / f"{PREFIX}{os.getpid()}-1-0"  # start time 1 tick: a process that no longer runs
+    stale.write_bytes(b"")
+    try:
+        Deployment(TINY_CONFIG, port_overrides()).stop()
+        assert not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)
