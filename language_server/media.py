@@ -18,10 +18,10 @@ import torch
 from language_server.engine.sampling import SamplingParams
 from language_server.engine.sequence import EngineRequest
 from language_server.prompt import MediaLayout, Prompt, PromptBuilder
-from language_server.request import GenerationRequest, ImagePart, VideoPart
+from language_server.request import GenerationRequest, ImagePart, TextPart, VideoPart
 from language_server.vision_client import VisionClient, new_job_id
 from pipeline.config import DvDConfig
-from pipeline.errors import InvalidRequest
+from pipeline.errors import InternalError, InvalidRequest
 from pipeline.stages import Pipeline, Spans
 from pipeline.wire import FeatureHeader, Features, VisionJob
 
@@ -113,11 +113,42 @@ def per_media(
     return layouts, torch.cat([rows for _, rows in ordered]) if ordered else None
 
 
+def check_text_length(prompts: PromptBuilder, req: GenerationRequest, max_model_len: int) -> None:
+    """Refuse, without tokenizing, text that cannot fit in max_model_len tokens however it tokenizes."""
+    chars = sum(len(p.text) for m in req.messages for p in m.parts if isinstance(p, TextPart))
+    limit = max_model_len * prompts.max_chars_per_token
+    if chars > limit:
+        raise InvalidRequest(
+            f"the text is {chars} characters; max_model_len {max_model_len} tokens hold at most {limit}"
+        )
+
+
 def build_prompt(prompts: PromptBuilder, req: GenerationRequest, layouts: list[MediaLayout], max_model_len: int) -> Prompt:
+    """The request's prompt; InvalidRequest when it does not leave room for one new token.
+    Tokenizing long text takes a while: call it off the event loop."""
+    check_text_length(prompts, req, max_model_len)
     prompt = prompts.build(req.messages, layouts)
     if len(prompt.token_ids) >= max_model_len:
         raise InvalidRequest(f"the prompt is {len(prompt.token_ids)} tokens; max_model_len is {max_model_len}")
     return prompt
+
+
+def check_fits_without_media(prompts: PromptBuilder, req: GenerationRequest, max_model_len: int) -> None:
+    """Before any vision work: refuse a prompt that is too long even with every image empty and
+    every video one empty frame. Its text tokenizes exactly as in the final prompt (the image
+    blocks that separate text runs stay), so this is a lower bound on the final length."""
+    layouts = [MediaLayout(()) if isinstance(p, ImagePart) else MediaLayout((), (0,)) for p in req.media]
+    check_text_length(prompts, req, max_model_len)
+    tokens = len(prompts.build(req.messages, layouts).token_ids)
+    if tokens >= max_model_len:
+        raise InvalidRequest(
+            f"the prompt is {tokens} tokens before its images and videos; max_model_len is {max_model_len}"
+        )
+
+
+def release_all(features: list[Features]) -> None:
+    for f in features:
+        f.release()
 
 
 class RemoteMedia:
@@ -136,30 +167,57 @@ class RemoteMedia:
         self, req: GenerationRequest, params: SamplingParams
     ) -> tuple[EngineRequest, MediaTrace]:
         trace = MediaTrace()
+        max_len = self.config.language.max_model_len
         jobs = vision_jobs(req, self.config, self.group_images)
-        features = await self._encode(jobs, trace) if jobs else []
-        headers = [f.header for f in features]
-        layouts, rows = per_media(req, jobs, [(f.header, f.tensor) for f in features])
-        prompt = build_prompt(self.prompts, req, layouts, self.config.language.max_model_len)
-        trace.record(headers, prompt)
-        for f in features:
-            f.release()
+        if jobs:
+            await asyncio.to_thread(check_fits_without_media, self.prompts, req, max_len)
+            features = await self._encode(jobs, trace)
+        else:
+            features = []
+        try:
+            check_frame_tiles(jobs, [f.header for f in features])
+            layouts, rows = per_media(req, jobs, [(f.header, f.tensor) for f in features])
+            prompt = await asyncio.to_thread(build_prompt, self.prompts, req, layouts, max_len)
+            trace.record([f.header for f in features], prompt)
+        finally:
+            release_all(features)
         return EngineRequest(req.request_id, prompt.token_ids, params, rows), trace
 
     async def _encode(self, jobs: list[VisionJob], trace: MediaTrace) -> list[Features]:
+        """Every job's features; when one fails, the others' are released and the first error raised."""
         async with self.pipeline.vision.enter() as waited:
             tasks = [asyncio.ensure_future(self.client.encode(job)) for job in jobs]
             try:
-                features = list(await asyncio.gather(*tasks))
-            except BaseException:
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+            except BaseException:  # cancelled: release what arrived; the rest release late answers
                 for task in tasks:
                     task.cancel()
+                release_all([t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None])
                 raise
+        features = [r for r in results if isinstance(r, Features)]
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors or len(features) != len(jobs):
+            release_all(features)
+            raise errors[0] if errors else InternalError("a vision job ended without features")
         spans = trace.spans
         spans.vision_queue = waited + max(f.header.timings.queue_ms for f in features) / 1000
         spans.vision_compute = max(f.header.timings.preprocess_ms + f.header.timings.compute_ms for f in features) / 1000
         spans.transfer = max(transfer_s(f) for f in features)
         return features
+
+
+def check_frame_tiles(jobs: list[VisionJob], headers: list[FeatureHeader]) -> None:
+    """Each answer must describe what its job asked for: one frame_tiles entry per image of a
+    multi-image job (a single image may leave it empty), one per sampled frame of a video."""
+    for job, header in zip(jobs, headers):
+        expected = job.num_segments if job.kind == "video" else len(job.image_items)
+        entries = len(header.frame_tiles) if header.frame_tiles or job.kind == "video" else 1
+        if entries != expected:
+            what = "frames" if job.kind == "video" else "images"
+            raise InternalError(
+                f"vision job {job.job_id} ({job.kind}) was answered with tile counts for {entries} {what}, "
+                f"not {expected}"
+            )
 
 
 def transfer_s(features: Features) -> float:

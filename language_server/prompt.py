@@ -15,6 +15,7 @@ treated as plain text, so a user cannot forge `<IMG_CONTEXT>` or `<|im_end|>`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from language_server.request import ChatMessage, ImagePart, TextPart, VideoPart
 
@@ -49,6 +50,13 @@ class PromptBuilder:
             raise ValueError(f"the tokenizer lacks InternVL special tokens {missing}")
         self.im_start, self.im_end = ids["<|im_start|>"], ids["<|im_end|>"]
         self.img_start, self.img_end, self.img_context = ids["<img>"], ids["</img>"], ids["<IMG_CONTEXT>"]
+
+    @cached_property
+    def max_chars_per_token(self) -> int:
+        """The most characters of text one token can stand for (its longest token in UTF-8 bytes):
+        text longer than max_model_len times this cannot fit, however it tokenizes."""
+        to_text = self.tokenizer.convert_tokens_to_string
+        return max(len(to_text([token]).encode()) for token in self.tokenizer.get_vocab())
 
     def build(self, messages: tuple[ChatMessage, ...], layouts: list[MediaLayout]) -> Prompt:
         """Token ids of the conversation followed by the assistant's turn opener."""

@@ -81,6 +81,7 @@ async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVisio
     server = grpc.aio.server(interceptors=interceptors, options=server_options(lc.max_request_bytes))
     pipeline = Pipeline.create(lc.max_pending_requests, lc.max_vision_requests, lc.max_llm_requests)
     prompts = PromptBuilder(tokenizer, lc.system_prompt)
+    _ = prompts.max_chars_per_token  # scans the vocabulary once, before any request waits on it
     vision: VisionClient | None = None
     if local_vision is None:
         vision = VisionClient(config, model.hidden_size)

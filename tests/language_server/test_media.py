@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from dataclasses import replace
 
+import pytest
 import torch
 
 from language_server.engine.sampling import SamplingParams
-from language_server.media import per_media, vision_jobs
+from language_server.media import RemoteMedia, build_prompt, check_text_length, per_media, vision_jobs
+from language_server.prompt import PromptBuilder
 from language_server.request import ChatMessage, GenerationRequest, ImagePart, TextPart, VideoPart
 from pipeline.config import DvDConfig
-from pipeline.wire import FeatureHeader, VisionJob
+from pipeline.errors import InternalError, InvalidRequest
+from pipeline.stages import Pipeline
+from pipeline.wire import FeatureHeader, Features, VisionJob
 
 IMG_A, IMG_B = ImagePart(b"a", 6), ImagePart(b"b", 12)
 VIDEO = VideoPart(b"v", num_segments=2, max_tiles_per_frame=1)
@@ -49,3 +55,130 @@ def test_answers_are_split_back_in_prompt_order():
     assert layouts[1].frame_tiles == (1, 1)
     expected = torch.cat([grouped[1][:256], video[1], grouped[1][256:]])
     assert torch.equal(rows, expected)
+
+
+class _Payload:
+    """Stands in for a transport buffer: counts its releases."""
+
+    def __init__(self) -> None:
+        self.releases = 0
+
+    def release(self) -> None:
+        self.releases += 1
+
+
+class _FakeVisionClient:
+    """Answers each job with `answer(job)`: a Features (256 rows per tile) or an exception to raise.
+    Records the jobs and the payloads it handed out."""
+
+    def __init__(self, answer) -> None:
+        self.answer = answer
+        self.jobs: list[VisionJob] = []
+        self.payloads: list[_Payload] = []
+
+    async def encode(self, job: VisionJob):
+        self.jobs.append(job)
+        result = self.answer(job)
+        if isinstance(result, BaseException):
+            raise result
+        header, rows = result
+        payload = _Payload()
+        self.payloads.append(payload)
+        return Features(header, rows, keepalive=payload)
+
+
+def _one_tile(job: VisionJob, frame_tiles: tuple[int, ...] = ()):
+    tiles = sum(frame_tiles) or 1
+    return FeatureHeader(job.job_id, "r", tile_tokens=(4,) * tiles, frame_tiles=frame_tiles), torch.zeros(4 * tiles, 8)
+
+
+def _media(tokenizer, client, max_model_len: int = 8192) -> RemoteMedia:
+    config = DvDConfig()
+    config = replace(config, language=replace(config.language, max_model_len=max_model_len))
+    return RemoteMedia(client, PromptBuilder(tokenizer), config, Pipeline.create(8, 8, 8), group_images=False)
+
+
+def _run(coro):
+    async def bounded():
+        return await asyncio.wait_for(coro, 60)
+
+    return asyncio.run(bounded())
+
+
+def test_features_are_released_when_another_job_fails(tokenizer):
+    client = _FakeVisionClient(lambda job: InvalidRequest("bad image") if job.data == b"b" else _one_tile(job))
+    two = GenerationRequest("r", (ChatMessage("user", (IMG_A, IMG_B, TextPart("?"))),), SamplingParams())
+    with pytest.raises(InvalidRequest, match="bad image"):
+        _run(_media(tokenizer, client).engine_request(two, two.sampling))
+    assert len(client.jobs) == 2 and [p.releases for p in client.payloads] == [1]
+
+
+def test_features_are_released_when_the_prompt_fails(tokenizer):
+    client = _FakeVisionClient(_one_tile)
+    req = GenerationRequest("r", (ChatMessage("user", (IMG_A, TextPart("?"))),), SamplingParams())
+    ok, _ = _run(_media(tokenizer, client).engine_request(req, req.sampling))
+    assert ok.image_rows.shape == (4, 8) and [p.releases for p in client.payloads] == [1]
+    wrong = _FakeVisionClient(lambda job: _one_tile(job, frame_tiles=(1, 1)))  # two images' tiles for one image
+    with pytest.raises(InternalError, match="2 images, not 1"):
+        _run(_media(tokenizer, wrong).engine_request(req, req.sampling))
+    assert [p.releases for p in wrong.payloads] == [1]
+
+
+def test_video_answers_must_have_one_entry_per_frame(tokenizer):
+    req = GenerationRequest("r", (ChatMessage("user", (VIDEO, TextPart("?"))),), SamplingParams())  # 2 segments
+    good = _FakeVisionClient(lambda job: _one_tile(job, frame_tiles=(1, 1)))
+    assert _run(_media(tokenizer, good).engine_request(req, req.sampling))[0].image_rows.shape == (8, 8)
+    short = _FakeVisionClient(lambda job: _one_tile(job, frame_tiles=(2,)))
+    with pytest.raises(InternalError, match="1 frames, not 2"):
+        _run(_media(tokenizer, short).engine_request(req, req.sampling))
+    assert [p.releases for p in short.payloads] == [1]
+
+
+def test_a_prompt_too_long_without_its_images_fails_before_any_vision_job(tokenizer):
+    client = _FakeVisionClient(_one_tile)
+    long_text = TextPart("lorem ipsum " * 200)  # ~400 tokens
+    req = GenerationRequest("r", (ChatMessage("user", (IMG_A, long_text, VIDEO)),), SamplingParams())
+    with pytest.raises(InvalidRequest, match="before its images"):
+        _run(_media(tokenizer, client, max_model_len=300).engine_request(req, req.sampling))
+    assert client.jobs == []
+
+
+def test_text_that_cannot_fit_is_refused_without_tokenizing(tokenizer):
+    builder = PromptBuilder(tokenizer)
+    assert builder.max_chars_per_token >= 16
+    huge = GenerationRequest("r", (ChatMessage("user", (TextPart("x" * (100 * builder.max_chars_per_token + 1)),)),),
+                             SamplingParams())
+    calls: list[int] = []
+    builder.tokenizer = lambda *args, **kwargs: calls.append(1)
+    with pytest.raises(InvalidRequest, match="characters"):
+        build_prompt(builder, huge, [], max_model_len=100)
+    assert calls == []
+
+
+def test_the_character_bound_refuses_no_prompt_that_fits(tokenizer):
+    """The densest text there is (the longest token, repeated) still passes the character check."""
+    builder = PromptBuilder(tokenizer)
+    to_text = tokenizer.convert_tokens_to_string
+    densest = max((to_text([t]) for t in tokenizer.get_vocab()), key=lambda s: len(s.encode()))
+    text = densest * 50
+    req = GenerationRequest("r", (ChatMessage("user", (TextPart(text),)),), SamplingParams())
+    tokens = len(build_prompt(builder, req, [], max_model_len=10_000).token_ids)
+    check_text_length(builder, req, max_model_len=tokens + 1)
+
+
+def test_prompts_are_tokenized_off_the_event_loop(tokenizer):
+    client = _FakeVisionClient(_one_tile)
+    media = _media(tokenizer, client)
+    threads: list[str] = []
+    real = media.prompts.tokenizer
+    assert media.prompts.max_chars_per_token  # the vocabulary scan needs the real tokenizer
+
+    def tokenize(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return real(*args, **kwargs)
+
+    media.prompts.tokenizer = tokenize
+    for parts in ((TextPart("hi"),), (IMG_A, TextPart("?"))):
+        req = GenerationRequest("r", (ChatMessage("user", parts),), SamplingParams())
+        _run(media.engine_request(req, req.sampling))
+    assert threads and threading.main_thread().name not in threads
