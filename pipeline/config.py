@@ -7,7 +7,9 @@ value out of range stops start-up with a ConfigError naming the file and the key
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,7 +69,7 @@ class VideoLimits:
     max_segments: int = 64
     tiles_per_frame: int = 1  # when a request does not say
     max_tiles_per_frame: int = 4
-    max_video_bytes: int = 256 * 1024 * 1024
+    max_video_bytes: int = 48 * 1024 * 1024  # must stay below language.max_request_bytes
     max_duration_s: float = 3600.0
 
     def check(self) -> None:
@@ -86,7 +88,7 @@ class VisionConfig:
     """The vision server: encoder placement, endpoints, batching."""
 
     device: str = "cpu"
-    dtype: DType = "bfloat16"
+    dtype: DType = "float32"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     host: str = "127.0.0.1"
     job_port: int = 5610  # jobs arrive here (ZMQ)
@@ -104,10 +106,21 @@ class VisionConfig:
 
     def check(self) -> None:
         _positive(self, "max_batch_tiles", "replicas", "preprocess_workers", "max_queued_jobs", "replica_timeout_s")
-        _ports(self, "job_port", "grpc_port", "metrics_port")
+        _ports(self, "metrics_port", last=self.replicas - 1, off_ok=True)
+        _ports(self, "job_port", "grpc_port", last=self.replicas - 1)
         _non_negative(self, "threads", "max_wait_ms", "feature_cache_bytes")
         if self.devices and len(self.devices) != self.replicas:
             raise ValueError(f"devices lists {len(self.devices)} devices for {self.replicas} replicas")
+        _distinct_ports(self.endpoints(), "vision.")
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(key, port) of every port the replicas bind; replica i uses each port + i."""
+        names = ("job_port", "grpc_port") + (("metrics_port",) if self.metrics_port else ())
+        return [
+            (name if i == 0 else f"{name} + {i} (replica {i})", getattr(self, name) + i)
+            for name in names
+            for i in range(self.replicas)
+        ]
 
     def device_of(self, replica: int) -> str:
         return self.devices[replica] if self.devices else self.device
@@ -118,7 +131,7 @@ class LanguageConfig:
     """The language server: LLM placement, public API, request limits."""
 
     device: str = "cpu"
-    dtype: DType = "bfloat16"
+    dtype: DType = "float32"
     threads: int = 0
     host: str = "127.0.0.1"
     grpc_port: int = 50051  # public gRPC API
@@ -164,12 +177,24 @@ class LanguageConfig:
             "max_vision_requests",
             "max_llm_requests",
         )
-        _ports(self, "grpc_port", "feature_port", "metrics_port")
+        _ports(self, "grpc_port", "feature_port")
+        _ports(self, "metrics_port", off_ok=True)
         _non_negative(self, "threads")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens exceeds max_new_tokens_limit")
+        if self.num_kv_blocks and self.num_kv_blocks * self.block_size < self.max_model_len:
+            raise ValueError(
+                f"num_kv_blocks: {self.num_kv_blocks} blocks of {self.block_size} tokens hold fewer than "
+                f"max_model_len ({self.max_model_len}) tokens; one long sequence could never run"
+            )
+        _distinct_ports(self.endpoints(), "language.")
         for address in self.vision_servers:
             _host_port(address, "vision_servers")
+
+    def endpoints(self) -> list[tuple[str, int]]:
+        """(key, port) of every port the language server binds."""
+        names = ("grpc_port", "feature_port") + (("metrics_port",) if self.metrics_port else ())
+        return [(name, getattr(self, name)) for name in names]
 
 
 @dataclass(frozen=True)
@@ -191,8 +216,13 @@ class TransportConfig:
         if self.backend not in registered_backends():
             raise ValueError(f"backend: unknown backend {self.backend!r} (known: {registered_backends()})")
         _positive(self, "send_timeout_s", "high_water_mark", "payload_timeout_s", "pool_idle_s")
-        if not self.rdma_plugin:
-            raise ValueError("rdma_plugin: must name a NIXL backend plugin, e.g. UCX")
+        if self.payload_timeout_s < self.send_timeout_s:
+            raise ValueError(
+                f"payload_timeout_s ({self.payload_timeout_s:g}) is shorter than send_timeout_s "
+                f"({self.send_timeout_s:g}): payloads could be reclaimed while they are still being delivered"
+            )
+        if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.rdma_plugin):
+            raise ValueError(f"rdma_plugin: must name a NIXL backend plugin, e.g. UCX, got {self.rdma_plugin!r}")
 
 
 @dataclass(frozen=True)
@@ -210,7 +240,29 @@ class DvDConfig:
     source: str = field(default="<defaults>", compare=False)  # the file it came from
 
     def check(self) -> None:
-        pass
+        vc, lc = self.vision, self.language
+        for key, limit in (("video.max_video_bytes", self.video.max_video_bytes),
+                           ("images.max_image_bytes", self.images.max_image_bytes)):
+            if limit >= lc.max_request_bytes:
+                raise ValueError(
+                    f"{key} ({limit}) must be below language.max_request_bytes ({lc.max_request_bytes}), "
+                    "the largest request the API accepts"
+                )
+        if self.mode == "colocated":
+            if vc.device_of(0) != lc.device:
+                raise ValueError(
+                    f"vision.device{'s' if vc.devices else ''} ({vc.device_of(0)}) differs from language.device "
+                    f"({lc.device}): colocated mode runs both halves in one process on language.device; set vision.device to it"
+                )
+            if vc.threads:
+                raise ValueError(
+                    "vision.threads: colocated mode runs the vision encoder on the language server's threads "
+                    "(language.threads); leave vision.threads at 0"
+                )
+        elif not lc.vision_servers and _same_host(vc.host, lc.host):
+            _distinct_ports(
+                [(f"vision.{k}", p) for k, p in vc.endpoints()] + [(f"language.{k}", p) for k, p in lc.endpoints()], ""
+            )
 
     @property
     def vision_endpoints(self) -> tuple[str, ...]:
@@ -328,6 +380,8 @@ def _coerce(hint: Any, value: Any, key: str) -> Any:
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -348,11 +402,31 @@ def _non_negative(obj: Any, *names: str) -> None:
             raise ValueError(f"{name}: must be >= 0, got {getattr(obj, name)!r}")
 
 
-def _ports(obj: Any, *names: str) -> None:
+def _ports(obj: Any, *names: str, last: int = 0, off_ok: bool = False) -> None:
+    """Each port (and port + `last`, for replicas) in 1..65535; 0 too where it switches the endpoint off."""
     for name in names:
         port = getattr(obj, name)
-        if not 0 <= port <= 65535:
-            raise ValueError(f"{name}: not a TCP port: {port!r}")
+        if port == 0 and off_ok:
+            continue
+        if not 1 <= port <= 65535:
+            raise ValueError(f"{name}: not a TCP port: {port!r}" + (" (0 only switches metrics off)" if port == 0 else ""))
+        if port + last > 65535:
+            raise ValueError(f"{name}: replica {last} would use port {port + last}, above 65535")
+
+
+def _distinct_ports(endpoints: list[tuple[str, int]], prefix: str) -> None:
+    seen: dict[int, str] = {}
+    for key, port in endpoints:
+        if port in seen:
+            raise ConfigError(f"{prefix}{key} and {prefix}{seen[port]} both use port {port}")
+        seen[port] = key
+
+
+_ANY_HOST = ("", "0.0.0.0", "::", "[::]", "*")
+
+
+def _same_host(a: str, b: str) -> bool:
+    return a == b or a in _ANY_HOST or b in _ANY_HOST
 
 
 def _host_port(address: str, key: str) -> tuple[str, int]:

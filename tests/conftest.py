@@ -27,9 +27,14 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def port_overrides() -> dict[str, Any]:
-    """Config overrides that move every endpoint of a deployment to free ports."""
-    ports = free_ports(6)
+def port_overrides(replicas: int = 1) -> dict[str, Any]:
+    """Config overrides that move every endpoint of a deployment to free ports; with several vision
+    replicas (replica i uses each vision port + i) no replica's port is another endpoint's."""
+    for _ in range(100):
+        ports = free_ports(6)
+        used = [p + i for p in ports[:3] for i in range(replicas)] + ports[3:]
+        if len(set(used)) == len(used) and max(used) <= 65535:
+            break
     return {
         "vision.job_port": ports[0],
         "vision.grpc_port": ports[1],
@@ -73,7 +78,9 @@ def start_deployment(tmp_path_factory, tiny_dirs) -> Iterator[Callable[..., Any]
 
     def start(overrides: dict[str, Any] | None = None, name: str = "deployment") -> Deployment:
         log_dir = tmp_path_factory.mktemp(name)
-        deployment = Deployment(TINY_CONFIG, {**port_overrides(), **(overrides or {})}, log_dir=log_dir)
+        overrides = overrides or {}
+        ports = port_overrides(overrides.get("vision.replicas", 1))
+        deployment = Deployment(TINY_CONFIG, {**ports, **overrides}, log_dir=log_dir)
         deployment.start(timeout_s=180)
         started.append(deployment)
         return deployment

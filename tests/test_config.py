@@ -28,6 +28,12 @@ def test_every_key_is_documented_in_tiny_yaml():
             assert set(raw[section]) == set(values), section
 
 
+def test_tiny_yaml_documents_the_code_defaults():
+    """tiny.yaml says it lists every key with its default: the values must be the code's."""
+    raw = yaml.safe_load((CONFIGS[0].parent / "tiny.yaml").read_text())
+    assert to_dict(config_from_dict(raw)) == to_dict(DvDConfig())
+
+
 def test_configs_are_frozen():
     config = DvDConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -49,6 +55,29 @@ def test_configs_are_frozen():
         ({"model.path": "https://huggingface.co/OpenGVLab/InternVL3_5-1B"}, "model.path: must be a local directory"),
         ({"images.use_thumbnail": "yes"}, "images.use_thumbnail: expected true or false"),
         ({"vision": 3}, "vision: expected a mapping"),
+        ({"language.grpc_port": 50061}, "language.grpc_port and vision.grpc_port both use port 50061"),
+        ({"language.metrics_port": 9101}, "language.metrics_port and vision.metrics_port both use port 9101"),
+        ({"vision.replicas": 2, "vision.job_port": 5610, "vision.grpc_port": 5611},
+         "vision.grpc_port and vision.job_port + 1 (replica 1) both use port 5611"),
+        ({"language.feature_port": 9100}, "language.metrics_port and language.feature_port both use port 9100"),
+        ({"vision.replicas": 3, "vision.grpc_port": 65534}, "vision.grpc_port: replica 2 would use port 65536"),
+        ({"vision.job_port": 0}, "vision.job_port: not a TCP port: 0 (0 only switches metrics off)"),
+        ({"language.grpc_port": 0}, "language.grpc_port: not a TCP port: 0"),
+        ({"language.feature_port": 0}, "language.feature_port: not a TCP port: 0"),
+        ({"language.request_timeout_s": float("nan")}, "language.request_timeout_s: expected a finite number"),
+        ({"vision.max_wait_ms": float("inf")}, "vision.max_wait_ms: expected a finite number"),
+        ({"transport.send_timeout_s": float("inf")}, "transport.send_timeout_s: expected a finite number"),
+        ({"language.num_kv_blocks": 100}, "language.num_kv_blocks: 100 blocks of 16 tokens hold fewer than max_model_len"),
+        ({"video.max_video_bytes": 64 * 2**20}, "video.max_video_bytes (67108864) must be below language.max_request_bytes"),
+        ({"images.max_image_bytes": 2**20, "video.max_video_bytes": 1000, "language.max_request_bytes": 2**20},
+         "images.max_image_bytes (1048576) must be below language.max_request_bytes"),
+        ({"transport.payload_timeout_s": 10.0}, "transport.payload_timeout_s (10) is shorter than send_timeout_s (30)"),
+        ({"transport.rdma_plugin": "UCX LIBFABRIC"}, "transport.rdma_plugin: must name a NIXL backend plugin"),
+        ({"transport.rdma_plugin": ""}, "transport.rdma_plugin: must name a NIXL backend plugin"),
+        ({"mode": "colocated", "vision.device": "cuda:1", "language.device": "cuda:0"},
+         "vision.device (cuda:1) differs from language.device (cuda:0)"),
+        ({"mode": "colocated", "vision.devices": ["cuda:1"]}, "vision.devices (cuda:1) differs from language.device (cpu)"),
+        ({"mode": "colocated", "vision.threads": 2}, "vision.threads: colocated mode runs the vision encoder"),
     ],
 )
 def test_bad_values_stop_loading_with_the_key_and_the_file(override, message):
@@ -74,3 +103,25 @@ def test_missing_and_malformed_files(tmp_path):
     bad.write_text("mode: [unclosed")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        {"vision.metrics_port": 0, "language.metrics_port": 0},  # 0 switches metrics off, on both
+        {"vision.replicas": 2, "vision.job_port": 5610, "vision.grpc_port": 5612, "vision.metrics_port": 5614},
+        {"language.grpc_port": 50061, "language.host": "10.0.0.2"},  # vision on another host
+        {"language.grpc_port": 50061, "language.vision_servers": ["vision-host:5610"]},  # no local vision server
+        {"mode": "colocated", "vision.job_port": 50051},  # colocated binds no vision port
+        {"language.num_kv_blocks": 512},  # 512 x 16 = max_model_len
+        {"mode": "colocated", "vision.device": "cuda:0", "language.device": "cuda:0"},
+    ],
+)
+def test_consistent_values_load(override):
+    load_config(CONFIGS[0].parent / "tiny.yaml", override)
+
+
+def test_colocated_on_a_two_gpu_config_names_the_fix():
+    with pytest.raises(ConfigError) as info:
+        load_config(CONFIGS[0].parent / "internvl3_5-8b.yaml", {"mode": "colocated"})
+    assert "internvl3_5-8b.yaml" in str(info.value) and "set vision.device to it" in str(info.value)
