@@ -201,15 +201,26 @@ class VisionClient:
 
     def _receive_loop(self) -> None:
         while not self._stop.is_set():
-            frame = self.receiver.recv(POLL_S)
-            if frame is None:
+            try:
+                frame = self.receiver.recv(POLL_S)
+            except Exception:  # noqa: BLE001 - the receiver thread must outlive any one failure
+                log.exception("receiving features failed")
+                self._stop.wait(POLL_S)
                 continue
+            if frame is not None:
+                self._deliver(frame)
+
+    def _deliver(self, frame) -> None:
+        """Resolve the job a received frame answers. Never raises: an unexpected error fails that
+        job (when known) and the receiver goes on with the next frame."""
+        pending: _Pending | None = None
+        try:
             try:
                 header = decode_header(frame.header)
             except WireError as exc:
                 log.warning("dropped features with an undecodable header: %s", exc)
                 frame.release()
-                continue
+                return
             with self._lock:
                 pending = self._pending.pop(header.job_id, None)
                 if pending is not None:
@@ -218,7 +229,7 @@ class VisionClient:
             if pending is None:
                 log.info("features for an unknown or already answered job", extra={"job_id": header.job_id})
                 frame.release()
-                continue
+                return
             try:
                 result: Features | BaseException = decode_features(
                     header, frame.payload, keepalive=frame, hidden_size=self.hidden_size
@@ -226,7 +237,17 @@ class VisionClient:
             except WireError as exc:
                 frame.release()
                 result = InternalError(f"malformed features from {source}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - one bad frame must not end the receiver thread
+            log.exception("handling received features failed")
+            _release_quietly(frame)
+            if pending is None:
+                return
+            result = InternalError(f"received features could not be handled: {type(exc).__name__}: {exc}")
+        try:
             pending.loop.call_soon_threadsafe(_resolve, pending.future, result)
+        except RuntimeError:  # the requester's event loop is closed
+            if isinstance(result, Features):
+                result.release()
 
 
 def _health_channel(config: DvDConfig, index: int) -> grpc.Channel | None:
@@ -235,6 +256,13 @@ def _health_channel(config: DvDConfig, index: int) -> grpc.Channel | None:
         return None
     vc = config.vision
     return grpc.insecure_channel(f"{vc.host}:{vc.grpc_port + index}")
+
+
+def _release_quietly(frame) -> None:
+    try:
+        frame.release()
+    except Exception:  # noqa: BLE001 - already failing; the payload is reclaimed at its timeout
+        log.exception("releasing a received frame failed")
 
 
 def _release_unclaimed(future: asyncio.Future) -> None:
