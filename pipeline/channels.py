@@ -6,11 +6,13 @@ import zmq
 
 
 class PullChannel:
-    """Binds a PULL socket and yields whole multipart messages."""
+    """Binds a PULL socket and yields whole multipart messages; a peer that sends a frame larger
+    than max_message_bytes is disconnected by ZMQ before the frame is buffered."""
 
-    def __init__(self, address: str, high_water_mark: int = 1024) -> None:
+    def __init__(self, address: str, high_water_mark: int = 1024, max_message_bytes: int = 64 << 20) -> None:
         self._socket = zmq.Context.instance().socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, high_water_mark)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(address)
         self.address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)

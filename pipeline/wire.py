@@ -297,6 +297,8 @@ def validate_header(header: FeatureHeader, hidden_size: int | None = None) -> No
         raise WireError(f"{name}: per-tile token counts must be positive, got {list(header.tile_tokens)}")
     if sum(header.tile_tokens) != rows:
         raise WireError(f"{name}: tile token counts sum to {sum(header.tile_tokens)}, payload has {rows} rows")
+    if any(t <= 0 for t in header.frame_tiles):
+        raise WireError(f"{name}: per-frame tile counts must be positive, got {list(header.frame_tiles)}")
     if header.frame_tiles and sum(header.frame_tiles) != len(header.tile_tokens):
         raise WireError(f"{name}: frame tile counts sum to {sum(header.frame_tiles)}, not {len(header.tile_tokens)}")
 

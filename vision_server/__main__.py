@@ -14,9 +14,14 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(f"vision-{args.replica}", config.log_level)
     configure_torch(config.vision.threads)
 
+    from pipeline.transport import TransportError
     from vision_server.server import VisionServer
 
-    server = VisionServer(config, replica=args.replica)
+    try:
+        server = VisionServer(config, replica=args.replica)
+    except TransportError as exc:
+        print(f"error: {config.source}: transport: {exc}", file=sys.stderr)
+        return 2
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: server.stop())
     start_metrics(config.vision.host, config.vision.metrics_port, args.replica)

@@ -16,8 +16,8 @@ from pipeline.config import DvDConfig
 from pipeline.wire import JobStatus, VisionJob
 from vision_server.feature_cache import CachedFeatures
 from pipeline.tiling import tile_count
-from vision_server.preprocess import ImageError, TilingParams, decode_image, tile_image, to_pixel_values
-from vision_server.video import VideoSampling, decode_video_frames
+from vision_server.preprocess import ImageError, TilingParams, decode_image, image_size, tile_image, to_pixel_values
+from vision_server.video import VideoSampling, iter_video_frames
 from vision_server.vir import TokenMode
 
 
@@ -89,30 +89,69 @@ def check_parameters(job: VisionJob, config: DvDConfig) -> None:
         )
 
 
+def max_job_bytes(config: DvDConfig) -> int:
+    """The largest serialized VisionJob a vision server takes: its largest media (a video, an
+    image, or the images of one request, which the language server bounds by max_request_bytes)
+    plus room for the other fields. A larger message disconnects its sender."""
+    largest = max(config.video.max_video_bytes, config.images.max_image_bytes, config.language.max_request_bytes)
+    return largest + JOB_OVERHEAD_BYTES
+
+
+JOB_OVERHEAD_BYTES = 1 << 20  # ids, reply address, parameters and protobuf framing
+
+
 def load_pixels(job: VisionJob, config: DvDConfig, tile_size: int = 448) -> tuple[torch.Tensor, tuple[int, ...]]:
     """Decode and tile a job's media: pixel values [T, 3, S, S] and the tiles of each video frame
-    or of each image of a multi-image job (empty for a single image)."""
+    or of each image of a multi-image job (empty for a single image).
+
+    The tile budget is checked before any picture is decoded (from image headers; for a video,
+    from its first frame), and pictures are decoded and tiled one at a time."""
     check_parameters(job, config)
     tiling = tiling_of(job, tile_size)
-    budget = config.images.max_tiles_per_request
     try:
         if job.kind == "image":
-            pictures = [
-                (decode_image(data, config.images), replace(tiling, max_tiles=max_tiles))
-                for data, max_tiles in job.image_items
-            ]
-        else:
-            sampling = VideoSampling(job.num_segments, job.start_s, job.end_s)
-            pictures = [(frame, tiling) for frame in decode_video_frames(job.data, sampling, config.video, config.images)]
-        tiles, counts = [], []
-        for picture, picture_tiling in pictures:
-            _check_budget(len(tiles) + _tile_count(picture.size, picture_tiling), budget)
-            cut = tile_image(picture, picture_tiling)
-            tiles += cut
-            counts.append(len(cut))
-        return to_pixel_values(tiles, tile_size), tuple(counts) if len(counts) > 1 or job.kind == "video" else ()
+            return _image_pixels(job, config, tiling, tile_size)
+        return _video_pixels(job, config, tiling, tile_size)
     except ImageError as exc:
         raise JobError(JobStatus.INVALID_INPUT, str(exc)) from None
+
+
+def _image_pixels(
+    job: VisionJob, config: DvDConfig, tiling: TilingParams, tile_size: int
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    budget = config.images.max_tiles_per_request
+    items = job.image_items
+    if len(items) > budget:  # every image is at least one tile
+        raise JobError(JobStatus.INVALID_INPUT, f"{len(items)} images exceed the limit of {budget} tiles per request")
+    tilings = [replace(tiling, max_tiles=max_tiles) for _, max_tiles in items]
+    _check_budget(sum(_tile_count(image_size(data, config.images), t) for (data, _), t in zip(items, tilings)), budget)
+    tiles, counts = [], []
+    for (data, _), picture_tiling in zip(items, tilings):
+        picture = decode_image(data, config.images)
+        _check_budget(len(tiles) + _tile_count(picture.size, picture_tiling), budget)
+        cut = tile_image(picture, picture_tiling)
+        del picture
+        tiles += cut
+        counts.append(len(cut))
+    return to_pixel_values(tiles, tile_size), tuple(counts) if len(counts) > 1 else ()
+
+
+def _video_pixels(
+    job: VisionJob, config: DvDConfig, tiling: TilingParams, tile_size: int
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    budget = config.images.max_tiles_per_request
+    if job.num_segments > budget:  # every frame is at least one tile
+        raise JobError(JobStatus.INVALID_INPUT, f"{job.num_segments} frames exceed the limit of {budget} tiles per request")
+    sampling = VideoSampling(job.num_segments, job.start_s, job.end_s)
+    tiles, counts = [], []
+    for frame in iter_video_frames(job.data, sampling, config.video, config.images):
+        if not counts:  # every frame has the first one's size
+            _check_budget(job.num_segments * _tile_count(frame.size, tiling), budget)
+        _check_budget(len(tiles) + _tile_count(frame.size, tiling), budget)
+        cut = tile_image(frame, tiling)
+        tiles += cut
+        counts.append(len(cut))
+    return to_pixel_values(tiles, tile_size), tuple(counts)
 
 
 def _tile_count(size: tuple[int, int], tiling: TilingParams) -> int:

@@ -7,7 +7,7 @@ _TILES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 JOBS = Counter("dvd_vision_jobs_total", "Vision jobs handled, by outcome", ["status"])
 TILES = Counter("dvd_vision_tiles_total", "Tiles encoded by the ViT")
-QUEUE_DEPTH = Gauge("dvd_vision_queue_depth", "Jobs received and not yet answered")
+QUEUE_DEPTH = Gauge("dvd_vision_queue_depth", "Jobs admitted whose answer is not computed yet")
 QUEUE_MS = Histogram("dvd_vision_queue_ms", "Time a job waited for preprocessing and for its batch (ms)", buckets=_MS)
 PREPROCESS_MS = Histogram("dvd_vision_preprocess_ms", "Decode and tiling time per job (ms)", buckets=_MS)
 ENCODE_MS = Histogram("dvd_vision_encode_ms", "ViT, ViR and projector time per batch (ms)", buckets=_MS)

@@ -1,9 +1,12 @@
 """Delivery of answers to their reply addresses, one sending lane per requester.
 
-Each lane owns a transport sender and a thread, so a language server that stops taking
-features (gone, or slow) delays only its own answers, for at most the transport's send
-timeout each, never those of other language servers. Lanes are created on first use,
-up to `max_lanes`; further addresses share lanes.
+Each lane owns a transport sender, a bounded queue and a thread, so a language server that
+stops taking features (gone, or slow) delays only its own answers, never those of other
+language servers. A lane does not send answers whose job's deadline has passed, skips an
+address for one send timeout after it failed to take an answer in time, and answers beyond
+its queue bound are dropped (logged). Lanes are created on first use, up to `max_lanes`;
+further addresses share lanes. Features that cannot be delivered (no shared memory left, a
+malformed tensor) are replaced by an error header, so the request fails at once.
 """
 
 from __future__ import annotations
@@ -16,23 +19,27 @@ from dataclasses import replace
 from typing import Callable
 
 from pipeline.config import TransportConfig
-from pipeline.transport import FeatureSender, TransportError, create_backend
-from pipeline.wire import encode_features
+from pipeline.transport import FeatureSender, PeerTimeout, TransportError, create_backend
+from pipeline.wire import JobStatus, encode_features, error_header
 from vision_server import metrics
 from vision_server.worker import JobResult
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
 MAX_LANES = 16
+MAX_QUEUED = 256  # answers waiting in one lane
+MAX_DEAD = 64  # addresses a lane remembers as not taking answers
 
 Done = Callable[[], None]
 
 
 class _Lane:
-    def __init__(self, name: str, sender: FeatureSender) -> None:
+    def __init__(self, name: str, sender: FeatureSender, max_queued: int, dead_s: float) -> None:
         self.sender = sender
-        self.items: queue.Queue[tuple[JobResult, Done | None]] = queue.Queue()
+        self.items: queue.Queue[tuple[JobResult, Done | None]] = queue.Queue(max_queued)
         self.stopping = threading.Event()
+        self._dead_s = dead_s
+        self._dead_until: dict[str, float] = {}
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
 
@@ -43,7 +50,7 @@ class _Lane:
             except queue.Empty:
                 continue
             try:
-                deliver(self.sender, result)
+                self._answer(result)
             except Exception:  # noqa: BLE001 - a malformed answer must not stop the lane
                 log.exception("could not answer a job", extra={"job_id": result.job.job_id})
             finally:
@@ -51,54 +58,129 @@ class _Lane:
                     done()
         self.sender.close()
 
+    def _answer(self, result: JobResult) -> None:
+        address = result.job.reply_to
+        if result.job.expired:
+            log.info("did not send the answer to an expired job", extra={"job_id": result.job.job_id})
+            metrics.JOBS.labels("undelivered").inc()
+            return
+        now = time.monotonic()
+        if self._dead_until.get(address, 0.0) > now:
+            log.warning("dropped an answer: %s did not take the last one in time", address,
+                        extra={"job_id": result.job.job_id})
+            metrics.JOBS.labels("undelivered").inc()
+            return
+        self._dead_until.pop(address, None)
+        if not deliver(self.sender, result):
+            if len(self._dead_until) >= MAX_DEAD:
+                self._dead_until = {a: t for a, t in self._dead_until.items() if t > now}
+            self._dead_until[address] = time.monotonic() + self._dead_s
+
 
 class Outbox:
-    """Sends JobResults to `job.reply_to`; `done` is called once each answer has left (or failed)."""
+    """Sends JobResults to `job.reply_to`; `done` is called once each answer has left, failed or
+    been dropped. Creating it creates a sender, so a transport that cannot send fails here."""
 
-    def __init__(self, transport: TransportConfig, max_lanes: int = MAX_LANES) -> None:
+    def __init__(self, transport: TransportConfig, max_lanes: int = MAX_LANES, max_queued: int = MAX_QUEUED) -> None:
         self._transport = transport
         self._max_lanes = max_lanes
+        self._max_queued = max_queued
         self._lanes: list[_Lane] = []
         self._lane_of: dict[str, _Lane] = {}
         self._lock = threading.Lock()
+        self._spare: FeatureSender | None = self._new_sender()
+
+    def _new_sender(self) -> FeatureSender:
+        try:
+            return create_backend(self._transport).sender()
+        except Exception as exc:  # noqa: BLE001 - backends fail with their own error types
+            raise TransportError(f"cannot create a {self._transport.backend!r} feature sender: {exc}") from exc
 
     def put(self, result: JobResult, done: Done | None = None) -> None:
-        self._lane(result.job.reply_to).items.put((result, done))
+        """Queue an answer on its address's lane. Never blocks or raises: an answer that cannot be
+        queued (no sender could be made, the lane is full) is dropped with a log line."""
+        try:
+            lane = self._lane(result.job.reply_to)
+            lane.items.put_nowait((result, done))
+            return
+        except queue.Full:
+            log.warning("dropped an answer: the lane to %s already holds %d answers", result.job.reply_to,
+                        self._max_queued, extra={"job_id": result.job.job_id})
+        except Exception:  # noqa: BLE001 - e.g. a sender that cannot be created
+            log.exception("could not queue an answer", extra={"job_id": result.job.job_id})
+        metrics.JOBS.labels("undelivered").inc()
+        if done is not None:
+            done()
 
     def _lane(self, address: str) -> _Lane:
         with self._lock:
             lane = self._lane_of.get(address)
-            if lane is None:
-                if len(self._lanes) < self._max_lanes:
-                    lane = _Lane(f"vision-send-{len(self._lanes)}", create_backend(self._transport).sender())
-                    self._lanes.append(lane)
-                else:
-                    lane = self._lanes[hash(address) % self._max_lanes]
-                self._lane_of[address] = lane
+            if lane is not None:
+                return lane
+            if len(self._lanes) >= self._max_lanes:
+                return self._lanes[hash(address) % self._max_lanes]
+            sender = self._spare or self._new_sender()
+            self._spare = None
+            lane = _Lane(f"vision-send-{len(self._lanes)}", sender, self._max_queued, self._transport.send_timeout_s)
+            self._lanes.append(lane)
+            self._lane_of[address] = lane
             return lane
 
     def close(self, timeout_s: float) -> None:
-        """Send what is queued (each lane within timeout_s), then stop the lanes."""
+        """Send what is queued (within timeout_s in all), then stop the lanes. A lane still blocked
+        in a send after that has its sender's shared memory freed from this thread."""
         with self._lock:
             lanes = list(self._lanes)
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
         for lane in lanes:
             lane.stopping.set()
+        deadline = time.monotonic() + timeout_s
         for lane in lanes:
-            lane.thread.join(timeout_s)
+            lane.thread.join(max(0.0, deadline - time.monotonic()))
+        for lane in lanes:
+            if lane.thread.is_alive():
+                log.warning("a sending lane is still blocked at shutdown; freeing its shared memory")
+                lane.sender.abandon()
 
 
-def deliver(sender: FeatureSender, result: JobResult) -> None:
-    """Serialize one answer and hand it to the transport, recording bytes and time."""
+def deliver(sender: FeatureSender, result: JobResult) -> bool:
+    """Serialize one answer and hand it to the transport, recording bytes and time. Features that
+    cannot be delivered are answered with an INTERNAL error header instead. False when the
+    receiver did not take the message within the send timeout (it is gone or stalled)."""
     header = result.header
     if header.ok:
         header = replace(header, timings=replace(header.timings, sent_unix_s=time.time()))
-    frame, payload = encode_features(header, result.rows)
+    extra = {"job_id": result.job.job_id}
     started = time.perf_counter()
     try:
+        frame, payload = encode_features(header, result.rows)
         sender.send(result.job.reply_to, frame, payload)
-    except TransportError as exc:
-        log.warning("could not deliver features: %s", exc, extra={"job_id": result.job.job_id})
+    except PeerTimeout as exc:
+        log.warning("could not deliver an answer: %s", exc, extra=extra)
         metrics.JOBS.labels("undelivered").inc()
-        return
+        return False
+    except (TransportError, ValueError) as exc:  # WireError is a ValueError
+        log.warning("could not deliver features: %s", exc, extra=extra)
+        metrics.JOBS.labels("undelivered").inc()
+        return _deliver_error(sender, result, f"the vision server could not deliver the features: {exc}")
     metrics.SEND_MS.observe((time.perf_counter() - started) * 1000)
     metrics.BYTES_SENT.inc(len(payload))
+    return True
+
+
+def _deliver_error(sender: FeatureSender, result: JobResult, message: str) -> bool:
+    """Tell the requester that its job failed (header only, no payload); False on a send timeout."""
+    if not result.header.ok:
+        return True  # the error header itself could not be sent; there is nothing smaller to send
+    job, header = result.job, result.header
+    failed = error_header(job.job_id, job.request_id, JobStatus.INTERNAL, message, header.server_id)
+    frame, _ = encode_features(failed, None)
+    try:
+        sender.send(job.reply_to, frame, b"")
+    except PeerTimeout:
+        return False
+    except TransportError as exc:
+        log.warning("could not send an error header either: %s", exc, extra={"job_id": job.job_id})
+    return True

@@ -59,6 +59,33 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     Raises ImageError when the bytes are empty, too large, corrupt, of another format,
     or describe an image with too many pixels (checked from the header) or too small a side.
     """
+    image, fmt = _open(data, limits)
+    try:
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image)
+    except Exception as exc:
+        raise ImageError(f"corrupt or truncated {fmt} image: {exc}") from None
+
+
+def image_size(data: bytes, limits: ImageLimits) -> tuple[int, int]:
+    """(width, height) of the upright image, read from the header only; checks `limits` as
+    decode_image does, without decoding any pixel."""
+    image, _ = _open(data, limits)
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(_EXIF_ORIENTATION)
+    except Exception:  # a broken EXIF block is decode_image's to report (or ignore)
+        orientation = None
+    return (height, width) if orientation in _TRANSPOSED else (width, height)
+
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def _open(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
+    """The opened (not decoded) image and its format, after every check the header allows."""
     if not data:
         raise ImageError("empty image data")
     if len(data) > limits.max_image_bytes:
@@ -81,12 +108,7 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
         )
     if min(width, height) < limits.min_image_side:
         raise ImageError(f"image too small: {width}x{height} (each side must be at least {limits.min_image_side})")
-    try:
-        image.load()
-        ImageOps.exif_transpose(image, in_place=True)
-        return _to_rgb(image)
-    except Exception as exc:
-        raise ImageError(f"corrupt or truncated {fmt} image: {exc}") from None
+    return image, fmt
 
 
 def tile_image(image: Image.Image, params: TilingParams) -> list[Image.Image]:

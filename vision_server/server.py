@@ -8,7 +8,9 @@ Four kinds of thread share a VisionWorker:
     batch        TileBatcher -> one encoder run over the tiles of many jobs -> the outbox
     send         header + rows -> each job's reply address (one lane per requester; outbox.py)
 
-so decoding, encoding and sending of different jobs overlap.
+so decoding, encoding and sending of different jobs overlap. A job holds its admission slot
+until its answer is computed and queued for sending, not until it is sent, so a requester
+that stops taking answers cannot hold the slots that everyone else needs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from pipeline.wire import JobStatus, VisionJob, WireError, error_header
 from proto.dvd.v1 import admin_pb2_grpc
 from vision_server import metrics
 from vision_server.batcher import TileBatcher
-from vision_server.jobs import JobError, PreparedJob
+from vision_server.jobs import JobError, PreparedJob, max_job_bytes
 from vision_server.outbox import Outbox
 from vision_server.worker import JobResult, VisionWorker
 
@@ -44,10 +46,10 @@ class VisionServer:
         self.replica = replica
         vc = config.vision
         self.server_id = f"vision-{replica}@{vc.host}:{vc.job_port + replica}"
+        self.outbox = Outbox(config.transport, max_queued=vc.max_queued_jobs)  # first: a bad transport fails fast
         self.worker = VisionWorker(config, replica, self.server_id)
         self.batcher = TileBatcher(vc.max_batch_tiles, vc.max_wait_ms)
-        self.jobs = PullChannel(f"tcp://{vc.host}:{vc.job_port + replica}")
-        self.outbox = Outbox(config.transport)
+        self.jobs = PullChannel(f"tcp://{vc.host}:{vc.job_port + replica}", max_message_bytes=max_job_bytes(config))
         self._admitted = 0
         self._admitted_lock = threading.Lock()
         self._stop = threading.Event()
@@ -120,25 +122,42 @@ class VisionServer:
 
     # ----- preprocess pool -----------------------------------------------------------------
     def _prepare(self, job: VisionJob, arrived: float) -> None:
-        prepared: PreparedJob = self.worker.prepare(job, arrived)
-        if prepared.needs_encoder:
-            self.batcher.put(prepared)
-        else:
-            self.outbox.put(self.worker.complete(prepared), self._finished)
+        batched = False
+        try:
+            prepared: PreparedJob = self.worker.prepare(job, arrived)
+            if prepared.needs_encoder:
+                self.batcher.put(prepared)
+                batched = True
+            else:
+                self.outbox.put(self.worker.complete(prepared))
+        except Exception:  # noqa: BLE001 - a Future would swallow it, and the slot must be freed
+            log.exception("could not answer a job", extra={"job_id": job.job_id})
+        finally:
+            if not batched:
+                self._finished()
 
     # ----- batch thread --------------------------------------------------------------------
     def _batch_loop(self) -> None:
         while not self._stop.is_set():
             batch = self.batcher.next_batch(POLL_S)
-            if not batch:
-                continue
+            if batch:
+                self._answer_batch(batch)
+
+    def _answer_batch(self, batch: list[PreparedJob]) -> None:
+        """Encode one batch and queue its answers; never raises, and frees every job's slot."""
+        try:
             try:
                 results = self.worker.run_batch(batch)
             except Exception:  # noqa: BLE001 - run_batch answers per job; this is a last resort
                 log.exception("a vision batch failed")
                 results = [self.worker.complete(_failed(p)) for p in batch]
             for result in results:
-                self.outbox.put(result, self._finished)
+                self.outbox.put(result)
+        except Exception:  # noqa: BLE001 - the batch thread must survive anything
+            log.exception("could not answer a vision batch")
+        finally:
+            for _ in batch:
+                self._finished()
 
     # ----- any thread ---------------------------------------------------------------------
     def _finished(self) -> None:

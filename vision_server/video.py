@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from PIL import Image
@@ -74,6 +75,14 @@ def decode_video_frames(
     data: bytes, sampling: VideoSampling, video_limits: VideoLimits, image_limits: ImageLimits
 ) -> list[Image.Image]:
     """Decode the sampled frames of a video, enforcing the configured limits (ImageError says why)."""
+    return list(iter_video_frames(data, sampling, video_limits, image_limits))
+
+
+def iter_video_frames(
+    data: bytes, sampling: VideoSampling, video_limits: VideoLimits, image_limits: ImageLimits
+) -> Iterator[Image.Image]:
+    """The sampled frames of a video, decoded one at a time as they are taken; the checks that
+    need no frame run before the first one is decoded (ImageError says why)."""
     if not data:
         raise ImageError("empty video data")
     if len(data) > video_limits.max_video_bytes:
@@ -91,7 +100,10 @@ def decode_video_frames(
     indices = sample_frame_indices(reader.num_frames, reader.fps, sampling.num_segments, sampling.start_s, sampling.end_s)
     if sampling.start_s is not None and round(sampling.start_s * reader.fps) > reader.num_frames - 1:
         raise ImageError(f"start_s {sampling.start_s:g} is past the end of the video ({reader.duration_s:.2f} s)")
-    frames = []
+    return _frames(reader, indices, image_limits)
+
+
+def _frames(reader: VideoReader, indices: list[int], image_limits: ImageLimits) -> Iterator[Image.Image]:
     for index in indices:
         frame = reader.frame(index)
         width, height = frame.size
@@ -99,8 +111,7 @@ def decode_video_frames(
             raise ImageError(f"video frames are {width}x{height}, over the limit of {image_limits.max_image_pixels} pixels")
         if min(width, height) < image_limits.min_image_side:
             raise ImageError(f"video frames too small: {width}x{height}")
-        frames.append(frame)
-    return frames
+        yield frame
 
 
 def _first_line(exc: BaseException) -> str:

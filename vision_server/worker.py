@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
@@ -33,11 +33,17 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class JobResult:
-    """A job's answer: the header, and the feature rows [sum(tile_tokens), hidden] when OK."""
+    """A job's answer: the header, and the feature rows [sum(tile_tokens), hidden] when OK.
+
+    `job` is the job without its media bytes (an answer waiting to be sent holds no images)."""
 
     job: VisionJob
     header: FeatureHeader
     rows: torch.Tensor | None
+
+    def __post_init__(self) -> None:
+        if self.job.data or self.job.images:
+            self.job = replace(self.job, data=b"", images=())
 
 
 class VisionWorker:

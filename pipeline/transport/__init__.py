@@ -8,6 +8,7 @@ from pipeline.config import TransportConfig
 from pipeline.transport.base import (
     FeatureReceiver,
     FeatureSender,
+    PeerTimeout,
     ReceivedFrame,
     TransportBackend,
     TransportError,
@@ -46,6 +47,7 @@ def create_backend(config: TransportConfig) -> TransportBackend:
 __all__ = [
     "FeatureReceiver",
     "FeatureSender",
+    "PeerTimeout",
     "ReceivedFrame",
     "TransportBackend",
     "TransportError",

@@ -6,8 +6,9 @@ A backend provides a `FeatureSender` and a `FeatureReceiver`. Primitives:
 * `FeatureReceiver.recv(timeout_s)` - the next `ReceivedFrame`, or None on timeout;
 * `ReceivedFrame.release()` - the receiver is done with the payload (a backend may free it);
 * `FeatureSender.send(address, header, payload)` - deliver one header and its raw payload
-  to a receiver's address, or raise TransportError within the send timeout;
-* `close()` on both.
+  to a receiver's address, or raise TransportError within the send timeout (PeerTimeout
+  when the receiver did not take it in time);
+* `close()` on both; `FeatureSender.abandon()` frees out-of-process memory from another thread.
 
 Headers are serialized `dvd.v1.FeatureHeader` messages, opaque to the transport; payloads
 are raw tensor bytes that are never pickled or wrapped in protobuf. Senders and receivers
@@ -29,6 +30,10 @@ from pipeline.config import TransportConfig
 
 class TransportError(RuntimeError):
     """A payload could not be delivered or received."""
+
+
+class PeerTimeout(TransportError):
+    """The receiver did not take a message within the send timeout (it is gone or stalled)."""
 
 
 @dataclass
@@ -59,6 +64,10 @@ class FeatureSender(ABC):
     def close(self) -> None:
         """Release sockets and any memory still held."""
 
+    def abandon(self) -> None:
+        """Free what outlives this process (shared-memory files) while another thread may still be
+        inside send(); sockets are left to process exit. The sender must not be used afterwards."""
+
 
 class FeatureReceiver(ABC):
     """Collects feature payloads sent to one address."""
@@ -88,5 +97,6 @@ class TransportBackend(ABC):
         """A sender for the vision side."""
 
     @abstractmethod
-    def receiver(self, host: str, port: int) -> FeatureReceiver:
-        """A receiver bound at host:port for the language side."""
+    def receiver(self, host: str, port: int, max_frame_bytes: int | None = None) -> FeatureReceiver:
+        """A receiver bound at host:port for the language side. A peer that sends a frame (or
+        announces a payload) larger than max_frame_bytes is refused; None: a generous default."""

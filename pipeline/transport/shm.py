@@ -7,7 +7,8 @@ backend's ZMQ socket. A reaper thread takes back segments that the receiver rele
 retires segments the receiver has not released within `payload_timeout_s` (they are
 unlinked and never reused, so a late reader never sees new data), and frees segments
 that stayed unused for `pool_idle_s`. On start-up, segments left by dead processes are
-swept; on close, all of this sender's segments are unlinked.
+swept; on close, all of this sender's segments are unlinked, and at process exit those of
+every sender still open (abandon() does the same from another thread while a send blocks).
 
 Receiver: maps a segment on first use and keeps the mapping while it is in use; the
 payload it returns is a view of the mapping (no copy). Releasing the frame, or dropping
@@ -16,6 +17,7 @@ every view of its payload, marks the segment free for the sender.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import threading
@@ -71,11 +73,13 @@ class ShmSender(FeatureSender):
         self._slots: list[_Slot] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._closed = False
         for name in sweep_stale_segments():
             log.info("removed a stale shared-memory segment", extra={"segment": name})
         interval = min(max(min(self._timeout_s, self._idle_s) / 4, 0.01), 1.0)
         self._reaper = threading.Thread(target=self._reap_loop, args=(interval,), name="shm-reaper", daemon=True)
         self._reaper.start()
+        _OPEN_SENDERS.add(self)
 
     @property
     def segment_names(self) -> list[str]:
@@ -104,6 +108,8 @@ class ShmSender(FeatureSender):
         """The smallest free segment that fits, or a new one; it is marked sent before it is returned."""
         now = time.monotonic()
         with self._lock:
+            if self._closed:
+                raise TransportError("the shared-memory sender is closed")
             self._collect_released(now)
             free = [s for s in self._slots if s.sent_at is None and s.segment.capacity >= nbytes]
             slot = min(free, key=lambda s: s.segment.capacity, default=None)
@@ -150,14 +156,38 @@ class ShmSender(FeatureSender):
                     keep.append(slot)
             self._slots = keep
 
+    def abandon(self) -> None:
+        """Unlink every segment now; a send blocked in another thread keeps its mapping until close()."""
+        self._stop.set()
+        locked = self._lock.acquire(timeout=1.0)  # at exit a daemon thread may hold it; unlink anyway
+        try:
+            self._closed = True
+            for slot in list(self._slots):
+                slot.segment.unlink()
+        finally:
+            if locked:
+                self._lock.release()
+        _OPEN_SENDERS.discard(self)
+
     def close(self) -> None:
         self._stop.set()
         self._reaper.join(timeout=5)
         with self._lock:
+            self._closed = True
             for slot in self._slots:
                 _retire(slot.segment)
             self._slots.clear()
+        _OPEN_SENDERS.discard(self)
         self._control.close()
+
+
+_OPEN_SENDERS: weakref.WeakSet[ShmSender] = weakref.WeakSet()
+
+
+@atexit.register
+def _abandon_open_senders() -> None:
+    for sender in list(_OPEN_SENDERS):
+        sender.abandon()
 
 
 def _retire(segment: Segment) -> None:
@@ -272,5 +302,5 @@ class ShmBackend(TransportBackend):
     def sender(self) -> FeatureSender:
         return ShmSender(self.config, TcpBackend(self.config).sender())
 
-    def receiver(self, host: str, port: int) -> FeatureReceiver:
-        return ShmReceiver(self.config, TcpBackend(self.config).receiver(host, port))
+    def receiver(self, host: str, port: int, max_frame_bytes: int | None = None) -> FeatureReceiver:
+        return ShmReceiver(self.config, TcpBackend(self.config).receiver(host, port, max_frame_bytes))

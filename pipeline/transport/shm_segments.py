@@ -59,7 +59,7 @@ def sweep_stale_segments() -> list[str]:
         try:
             path.unlink()
             removed.append(path.name)
-        except FileNotFoundError:
+        except OSError:  # gone already, or another user's file: not ours to remove
             pass
     return removed
 

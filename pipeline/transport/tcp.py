@@ -2,43 +2,65 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import zmq
 
 from pipeline.transport.base import (
     FeatureReceiver,
     FeatureSender,
+    PeerTimeout,
     ReceivedFrame,
     TransportBackend,
     TransportError,
 )
 
+MAX_SOCKETS = 64  # reply addresses a sender keeps a socket for; the least recently used is closed
+DEFAULT_MAX_FRAME_BYTES = 4 << 30  # a receiver disconnects a peer that sends a larger frame
+
 
 class TcpSender(FeatureSender):
-    def __init__(self, context: zmq.Context, send_timeout_s: float, high_water_mark: int) -> None:
+    def __init__(
+        self, context: zmq.Context, send_timeout_s: float, high_water_mark: int, max_sockets: int = MAX_SOCKETS
+    ) -> None:
         self._context = context
         self._timeout_ms = int(send_timeout_s * 1000)
         self._hwm = high_water_mark
-        self._sockets: dict[str, zmq.Socket] = {}
+        self._max_sockets = max_sockets
+        self._sockets: OrderedDict[str, zmq.Socket] = OrderedDict()
 
     def _socket(self, address: str) -> zmq.Socket:
         sock = self._sockets.get(address)
-        if sock is None:
-            sock = self._context.socket(zmq.PUSH)
+        if sock is not None:
+            self._sockets.move_to_end(address)
+            return sock
+        sock = self._context.socket(zmq.PUSH)
+        try:
             sock.setsockopt(zmq.SNDHWM, self._hwm)
             sock.setsockopt(zmq.SNDTIMEO, self._timeout_ms)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not connected
             sock.setsockopt(zmq.LINGER, 0)
             sock.connect(address)
-            self._sockets[address] = sock
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        while len(self._sockets) >= self._max_sockets:
+            _, oldest = self._sockets.popitem(last=False)
+            oldest.close(linger=0)
+        self._sockets[address] = sock
         return sock
 
     def send(self, address: str, header: bytes, payload: memoryview | bytes) -> None:
         try:
             self._socket(address).send_multipart([header, payload], copy=False)
         except zmq.Again:
-            raise TransportError(f"no receiver took the features at {address} within {self._timeout_ms} ms") from None
+            raise PeerTimeout(f"no receiver took the features at {address} within {self._timeout_ms} ms") from None
         except zmq.ZMQError as exc:
             raise TransportError(f"cannot send to {address}: {exc}") from exc
+
+    @property
+    def open_sockets(self) -> int:
+        return len(self._sockets)
 
     def close(self) -> None:
         for sock in self._sockets.values():
@@ -47,9 +69,13 @@ class TcpSender(FeatureSender):
 
 
 class TcpReceiver(FeatureReceiver):
-    def __init__(self, context: zmq.Context, host: str, port: int, high_water_mark: int) -> None:
+    def __init__(
+        self, context: zmq.Context, host: str, port: int, high_water_mark: int,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+    ) -> None:
         self._socket = context.socket(zmq.PULL)
         self._socket.setsockopt(zmq.RCVHWM, high_water_mark)
+        self._socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
         self._socket.bind(f"tcp://{host}:{port}")
         self._address = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -76,5 +102,6 @@ class TcpBackend(TransportBackend):
     def sender(self) -> FeatureSender:
         return TcpSender(zmq.Context.instance(), self.config.send_timeout_s, self.config.high_water_mark)
 
-    def receiver(self, host: str, port: int) -> FeatureReceiver:
-        return TcpReceiver(zmq.Context.instance(), host, port, self.config.high_water_mark)
+    def receiver(self, host: str, port: int, max_frame_bytes: int | None = None) -> FeatureReceiver:
+        limit = DEFAULT_MAX_FRAME_BYTES if max_frame_bytes is None else max_frame_bytes
+        return TcpReceiver(zmq.Context.instance(), host, port, self.config.high_water_mark, limit)

@@ -69,6 +69,7 @@ def test_job_round_trip():
         (lambda h: replace(h, tile_tokens=(3,)), "tile token counts sum to 3, payload has 4 rows"),
         (lambda h: replace(h, tile_tokens=(4, 0)), "must be positive"),
         (lambda h: replace(h, frame_tiles=(2,)), "frame tile counts sum to 2"),
+        (lambda h: replace(h, tile_tokens=(2, 2), frame_tiles=(0, 2, 0)), "per-frame tile counts must be positive"),
     ],
 )
 def test_inconsistent_headers_are_rejected(mutate, message):
