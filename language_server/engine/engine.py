@@ -20,6 +20,7 @@ from language_server.engine.scheduler import ScheduledBatch, Scheduler
 from language_server.engine.sequence import EngineOutput, EngineRequest, Sequence
 from language_server.model import LanguageModel
 from pipeline.config import LanguageConfig
+from pipeline.errors import InvalidRequest
 
 log = logging.getLogger(__name__)
 Sink = Callable[[EngineOutput], None]
@@ -181,9 +182,14 @@ class Engine:
     def _admit(self, seq: Sequence) -> bool:
         """Right before a waiting sequence is first scheduled (or rescheduled after preemption):
         run its `prepare` hook once and check that it can run at all. Time spent in `prepare`
-        counts as queueing, not prefill."""
+        counts as queueing, not prefill. A sequence that has outgrown the whole KV pool ends with
+        finish reason "length"."""
         try:
             seq.run_prepare()
+            if seq.output_ids and not self._fits_pool(seq):
+                self._emit(seq, seq.end_for_length())
+                self._sinks.pop(seq.handle, None)
+                return False
             self._check_runnable(seq)
         except Exception as exc:  # noqa: BLE001 - fails this request only
             self._emit(seq, seq.fail(exc))
@@ -192,20 +198,27 @@ class Engine:
         seq.mark_scheduled()
         return True
 
+    def _fits_pool(self, seq: Sequence) -> bool:
+        return self.blocks.blocks_for(seq.num_tokens + 1) <= self.blocks.num_total
+
     def _check_runnable(self, seq: Sequence) -> None:
+        """InvalidRequest for a request too large for this server; ValueError for an inconsistent
+        one (a fault of the caller, not the client)."""
         if not seq.prompt_ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty")
         if seq.max_new_tokens <= 0:
-            raise ValueError(f"the prompt is {len(seq.prompt_ids)} tokens; max_model_len is {self.config.max_model_len}")
+            raise InvalidRequest(f"the prompt is {len(seq.prompt_ids)} tokens; max_model_len is {self.config.max_model_len}")
         placeholders = seq.prompt_ids.count(self.model.image_token_id)
         rows = 0 if seq.image_rows is None else seq.image_rows.shape[0]
         if placeholders != rows:
             raise ValueError(f"{placeholders} image placeholder tokens but {rows} feature rows")
         if rows and seq.image_rows.shape[1] != self.model.hidden_size:
             raise ValueError(f"image rows are {seq.image_rows.shape[1]} wide; the LLM's hidden size is {self.model.hidden_size}")
-        needed = self.blocks.blocks_for(seq.num_tokens + 1)
-        if needed > self.blocks.num_total:
-            raise ValueError(f"{seq.num_tokens + 1} tokens need {needed} KV blocks; the pool has {self.blocks.num_total}")
+        if not self._fits_pool(seq):
+            needed = self.blocks.blocks_for(seq.num_tokens + 1)
+            raise InvalidRequest(
+                f"the prompt ({seq.num_tokens} tokens) needs {needed} KV blocks; the pool has {self.blocks.num_total}"
+            )
 
     def _drain_inbox(self) -> None:
         while True:

@@ -176,6 +176,22 @@ class Sequence:
             self._fill_timings(output, now)
         return output
 
+    def end_for_length(self) -> EngineOutput:
+        """End without a new token (no room left for one), releasing any text still held back."""
+        tail, stopped = self._stops.push(self._detokenizer.flush())
+        text = tail if stopped else tail + self._stops.flush()
+        output = EngineOutput(
+            request_id=self.request_id,
+            token_ids=[],
+            text=text,
+            finish_reason="stop_string" if stopped else "length",
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=len(self.output_ids),
+        )
+        self.status = Status.FINISHED
+        self._fill_timings(output, time.perf_counter())
+        return output
+
     def fail(self, error: Exception) -> EngineOutput:
         self.status = Status.FINISHED
         output = EngineOutput(self.request_id, [], "", error=error, prompt_tokens=len(self.prompt_ids))

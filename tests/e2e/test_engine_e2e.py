@@ -30,6 +30,7 @@ def tight(start_deployment):
             "language.dtype": "float32",
             "language.num_kv_blocks": 160,
             "language.block_size": 16,
+            "language.max_model_len": 2560,
             "language.max_num_batched_tokens": 96,
         },
         name="tight_engine",

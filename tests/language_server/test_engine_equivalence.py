@@ -11,9 +11,11 @@ from tests.language_server.conftest import drive
 
 VARIANTS = {
     "roomy": {},
-    "small_kv_pool": {"num_kv_blocks": 130},  # 2080 tokens: the 1.8k-token request fits, not much beside it
+    "small_kv_pool": {"num_kv_blocks": 130, "max_model_len": 2080},  # 2080 tokens: the 1.8k-token request fits, not much beside it
     "small_token_budget": {"max_num_batched_tokens": 100},  # chunks end inside image spans
-    "all_small": {"num_kv_blocks": 240, "block_size": 8, "max_num_batched_tokens": 61, "max_num_seqs": 5},
+    "all_small": {
+        "num_kv_blocks": 240, "block_size": 8, "max_model_len": 1920, "max_num_batched_tokens": 61, "max_num_seqs": 5
+    },
 }
 
 

@@ -83,7 +83,7 @@ def test_engine_equals_the_family_generate(family, make_engine):
     # The engine takes over its model's attention; give it a copy so `model` stays a plain reference.
     engine = make_engine(
         LanguageModel(copy.deepcopy(model), IMAGE_TOKEN),
-        num_kv_blocks=40, block_size=8, max_num_batched_tokens=48, max_model_len=1024,
+        num_kv_blocks=40, block_size=8, max_num_batched_tokens=48, max_model_len=320,
     )
     arrivals = [(2 * i, case.request(stop_token_ids=(EOS,))) for i, case in enumerate(cases)]
     results = drive(engine, arrivals)

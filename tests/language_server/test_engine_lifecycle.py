@@ -13,6 +13,7 @@ import torch
 
 from language_server.engine.async_engine import AsyncEngine
 from language_server.engine.sequence import EngineRequest, Sequence
+from pipeline.errors import InvalidRequest
 from tests.language_server.conftest import Collected, drive
 
 WAIT_S = 60.0
@@ -51,7 +52,7 @@ def test_abort_frees_blocks_at_once_wherever_the_request_is(make_engine, mixed_c
 
 
 def test_aborted_requests_do_not_disturb_the_others(make_engine, mixed_cases, stop_ids):
-    engine = make_engine(num_kv_blocks=200, max_num_batched_tokens=128)
+    engine = make_engine(num_kv_blocks=200, max_model_len=3200, max_num_batched_tokens=128)
     cases = mixed_cases[:8]
     aborts = {2: cases[1].request_id, 5: cases[4].request_id, 9: cases[7].request_id}
     kept = [c for c in cases if c.request_id not in aborts.values()]
@@ -140,7 +141,7 @@ def test_prepare_runs_on_the_engine_thread_and_its_failure_fails_only_its_reques
 
 
 def test_requests_that_cannot_run_fail_alone(make_engine, mixed_cases, stop_ids):
-    engine = make_engine(num_kv_blocks=40, max_model_len=1000)
+    engine = make_engine(num_kv_blocks=40, max_model_len=1000, unchecked=True)
     with_image = mixed_cases[1]
     bad = {
         "rows_missing": EngineRequest("rows_missing", with_image.prompt_ids, with_image.request().params, None),
@@ -156,11 +157,24 @@ def test_requests_that_cannot_run_fail_alone(make_engine, mixed_cases, stop_ids)
     }
     good = mixed_cases[1].request(stop_token_ids=stop_ids)
     results = drive(engine, [(0, r) for r in bad.values()] + [(1, good)])
-    for name in bad:
+    for name in ("rows_missing", "rows_extra", "rows_too_narrow"):  # the caller's fault: INTERNAL
         assert isinstance(results[name].error, ValueError), name
+    for name in ("too_long_for_the_model", "too_long_for_the_pool", "empty"):  # the client's: INVALID_ARGUMENT
+        assert isinstance(results[name].error, InvalidRequest), name
     assert "feature rows" in str(results["rows_missing"].error)
     assert "pool has 40" in str(results["too_long_for_the_pool"].error)
     assert results[good.request_id].token_ids == mixed_cases[1].expected
+
+
+def test_a_sequence_that_outgrows_the_kv_pool_finishes_with_length(make_engine, mixed_cases):
+    engine = make_engine(num_kv_blocks=4, block_size=16, max_model_len=1000, unchecked=True)  # 64 tokens
+    case = mixed_cases[0]
+    request = replace(case, max_new_tokens=200).request(ignore_eos=True)
+    results = drive(engine, [(0, request)])
+    got = results[case.request_id]
+    assert got.error is None and got.finish_reason == "length"
+    assert len(case.prompt_ids) + len(got.token_ids) == 64 + 1  # every slot used, and a last token sampled
+    assert engine.num_preemptions == 1
 
 
 def test_requests_sharing_a_request_id_are_independent(make_engine, mixed_cases, stop_ids):

@@ -21,7 +21,7 @@ def test_seeded_requests_give_the_same_tokens_alone_and_in_a_busy_batch(make_eng
 
     # Busy: greedy company (one with a repetition penalty), a token budget that chunks the
     # prompts and a KV pool small enough that a seeded request is preempted mid-generation.
-    engine = make_engine(num_kv_blocks=80, max_num_batched_tokens=80)
+    engine = make_engine(num_kv_blocks=80, max_model_len=1280, max_num_batched_tokens=80)
     arrivals = [
         (0, mixed_cases[6].request()),
         (1, seeded[7]),
