@@ -3,17 +3,21 @@ a full queue, the feature cache and the metrics."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import urllib.request
 
 import pytest
 import torch
 
 from pipeline.wire import JobStatus
-from tests.conftest import photo_bytes
+from tests.conftest import TINY_CONFIG, free_ports, photo_bytes
 from tests.vision_server.helpers import JobClient, start_vision_server
+from tests.waiting import wait_until
 
 GOOD = ("coffee", "chelsea", "rocket")
 QUEUE_LIMIT = 4
+BURSTS = 3
 
 
 @pytest.fixture(scope="module")
@@ -36,18 +40,22 @@ def slow_batching_server(tmp_path_factory, tiny_dirs):
 
 def test_jobs_of_different_requests_share_a_batch_and_a_bad_one_fails_alone(slow_batching_server):
     client, settings = slow_batching_server
-    before = _scrape(settings)
-    burst = [client.job(photo_bytes(name)) for name in GOOD] + [client.job(b"\x89PNG\r\n\x1a\n broken png")]
-    answers = client.run(*burst)
-    for header, rows in answers[:3]:
-        assert header.ok and rows.shape == (sum(header.tile_tokens), 64)
-    bad, no_rows = answers[3]
-    assert bad.status == JobStatus.INVALID_INPUT and "corrupt PNG" in bad.error_message and no_rows is None
+    batch_counts = []
+    for _ in range(BURSTS):  # a slow machine may preprocess one burst's jobs more than max_wait_ms apart
+        before = _scrape(settings)
+        burst = [client.job(photo_bytes(name)) for name in GOOD] + [client.job(b"\x89PNG\r\n\x1a\n broken png")]
+        answers = client.run(*burst)
+        for header, rows in answers[:3]:
+            assert header.ok and rows.shape == (sum(header.tile_tokens), 64)
+        bad, no_rows = answers[3]
+        assert bad.status == JobStatus.INVALID_INPUT and "corrupt PNG" in bad.error_message and no_rows is None
 
-    after = _scrape(settings)
-    batches = _delta(before, after, "dvd_vision_batch_jobs_count")
-    jobs = _delta(before, after, "dvd_vision_batch_jobs_sum")
-    assert jobs == 3 and batches < 3  # some batch held jobs of several requests
+        after = _scrape(settings)
+        assert _delta(before, after, "dvd_vision_batch_jobs_sum") == 3
+        batch_counts.append(_delta(before, after, "dvd_vision_batch_jobs_count"))
+        if batch_counts[-1] < 3:
+            break
+    assert min(batch_counts) < 3, batch_counts  # some batch held jobs of several requests
 
     for name, (header, rows) in zip(GOOD, answers):
         ((alone, alone_rows),) = client.run(client.job(photo_bytes(name)))
@@ -79,9 +87,20 @@ def test_metrics_cover_queue_batches_encode_time_and_bytes(slow_batching_server)
         "dvd_vision_vir_compression_ratio_count",
     ):
         assert series in scraped, series
-    assert scraped["dvd_vision_queue_depth"] == 0  # every admitted job was answered
+    # every admitted job was answered (the gauge may trail the last answer by a moment)
+    assert wait_until(lambda: _scrape(settings)["dvd_vision_queue_depth"] == 0, 10.0)
     assert scraped["dvd_vision_bytes_sent_total"] > 0
     assert scraped['dvd_vision_jobs_total{status="resource_exhausted"}'] >= 1
+
+
+def test_a_transport_that_cannot_send_stops_start_up_with_a_clear_message(tiny_dirs):
+    job_port, grpc_port = free_ports(2)
+    argv = [sys.executable, "-m", "vision_server", "--config", str(TINY_CONFIG), "--set=vision.metrics_port=0"]
+    argv += [f"--set=vision.job_port={job_port}", f"--set=vision.grpc_port={grpc_port}"]
+    argv += ["--set=transport.backend=nixl", "--set=transport.rdma_plugin=NO_SUCH_PLUGIN"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "transport: cannot create a 'nixl' feature sender" in done.stderr
 
 
 def test_the_feature_cache_answers_a_repeated_image(fp32_deployment):

@@ -54,8 +54,8 @@ def receiver() -> Iterator:
 
 
 def test_a_transport_that_cannot_send_fails_when_the_outbox_is_made():
-    with pytest.raises(TransportError, match="cannot create a 'nixl' feature sender: .*'NO-SUCH-PLUGIN'"):
-        Outbox(TransportConfig(backend="nixl", rdma_plugin="NO-SUCH-PLUGIN"))
+    with pytest.raises(TransportError, match="cannot create a 'nixl' feature sender: .*'NO_SUCH_PLUGIN'"):
+        Outbox(TransportConfig(backend="nixl", rdma_plugin="NO_SUCH_PLUGIN"))
 
 
 def test_a_sender_that_cannot_be_made_later_drops_the_answer_without_raising(monkeypatch):
