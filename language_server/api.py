@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from contextlib import aclosing
 from dataclasses import replace
 from typing import AsyncIterator
 
@@ -45,13 +46,15 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         self.stop_token_ids = stop_token_ids
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
-        async for event in self._generate(request):
-            yield event
+        async with aclosing(self._generate(request)) as events:
+            async for event in events:
+                yield event
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context) -> pb.GenerateResult:
-        async for event in self._generate(request):
-            if event.HasField("result"):
-                return event.result
+        async with aclosing(self._generate(request)) as events:
+            async for event in events:
+                if event.HasField("result"):
+                    return event.result
         raise InternalError("generation ended without a result")
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
@@ -70,15 +73,23 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         )
 
     async def _generate(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """The request's events. The deadline bounds the work between events, not the time the
+        caller takes to pass an event on: a deadline that passes while gRPC is writing is reported
+        as DEADLINE_EXCEEDED when the next event is due."""
         arrived = time.perf_counter()
+        deadline = asyncio.get_running_loop().time() + self.config.language.request_timeout_s
         outcome = "error"
         try:
             req = GenerationRequest.from_pb(request, self.config)
             async with self.pipeline.admission.enter():
                 metrics.IN_FLIGHT.inc()
                 try:
-                    async with asyncio.timeout(self.config.language.request_timeout_s):
-                        async for event in self._run(req, arrived):
+                    async with aclosing(self._run(req, arrived)) as events:
+                        while True:
+                            async with asyncio.timeout_at(deadline):
+                                event = await anext(events, None)
+                            if event is None:
+                                break
                             if event.HasField("result"):
                                 outcome = "ok"
                             yield event
@@ -103,8 +114,8 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         token_ids: list[int] = []
         logprobs: list[pb.PositionLogprobs] = []
         first_token: float | None = None
-        async with self.pipeline.language.enter():
-            async for out in self.engine.generate(engine_request):
+        async with self.pipeline.language.enter(), aclosing(self.engine.generate(engine_request)) as outputs:
+            async for out in outputs:
                 _raise_engine_error(out, req.request_id)
                 if first_token is None and out.token_ids:
                     first_token = time.perf_counter()
