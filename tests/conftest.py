@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import io
+import os
 import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
+
+# Before anything imports grpc: the tests only fork to exec servers, and gRPC's fork handlers have
+# made a fresh child fail at start-up ("epoll_wait: Bad file descriptor").
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -69,9 +74,8 @@ def tokenizer(tiny_dirs):
     return AutoTokenizer.from_pretrained(tiny_dirs["hf"])
 
 
-@pytest.fixture(scope="session")
-def start_deployment(tmp_path_factory, tiny_dirs) -> Iterator[Callable[..., Any]]:
-    """Factory: start real servers from configs/tiny.yaml plus overrides; all are stopped at session end."""
+def _deployments(tmp_path_factory) -> Iterator[Callable[..., Any]]:
+    """Factory: start real servers from configs/tiny.yaml plus overrides; stopped when the factory ends."""
     from pipeline.launch import Deployment
 
     started: list[Deployment] = []
@@ -90,10 +94,23 @@ def start_deployment(tmp_path_factory, tiny_dirs) -> Iterator[Callable[..., Any]
         deployment.stop()
 
 
+@pytest.fixture(scope="module")
+def start_deployment(tmp_path_factory, tiny_dirs) -> Iterator[Callable[..., Any]]:
+    """Factory for one test module's own deployments: they are stopped when the module ends, so
+    that only the shared ones (session scope) add up over a run."""
+    yield from _deployments(tmp_path_factory)
+
+
 @pytest.fixture(scope="session")
-def fp32_deployment(start_deployment):
+def start_shared_deployment(tmp_path_factory, tiny_dirs) -> Iterator[Callable[..., Any]]:
+    """Factory for deployments that several modules use; stopped at the end of the session."""
+    yield from _deployments(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def fp32_deployment(start_shared_deployment):
     """Both servers in float32 on the tiny model (HF-native format)."""
-    return start_deployment({"vision.dtype": "float32", "language.dtype": "float32"}, name="fp32")
+    return start_shared_deployment({"vision.dtype": "float32", "language.dtype": "float32"}, name="fp32")
 
 
 @pytest.fixture

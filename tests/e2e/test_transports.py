@@ -31,11 +31,14 @@ def deployment(request, start_deployment):
         # The session's float32 deployment is exactly this one (tcp is the default backend).
         servers = request.getfixturevalue("fp32_deployment")
         assert servers.config.transport.backend == "tcp"
-        return name, servers
+        yield name, servers
+        return
     overrides = {"transport.backend": name, "vision.dtype": "float32", "language.dtype": "float32"}
     if name == "shm":
         overrides["transport.pool_idle_s"] = SHM_IDLE_S
-    return name, start_deployment(overrides, name=f"transport-{name}")
+    servers = start_deployment(overrides, name=f"transport-{name}")
+    yield name, servers
+    servers.stop()  # before the next backend's deployment starts
 
 
 @pytest.fixture(scope="module")
