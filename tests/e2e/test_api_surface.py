@@ -30,13 +30,19 @@ def test_model_info(fp32_deployment, client_for):
 
 
 def test_metrics_count_requests_and_latencies(fp32_deployment, client_for):
-    client_for(fp32_deployment).generate([message("user", "hi")], sampling(max_new_tokens=3))
     config = fp32_deployment.config
+    before = _scrape(config.language.host, config.language.metrics_port)
+    client_for(fp32_deployment).generate([message("user", "hi")], sampling(max_new_tokens=3))
     language = _scrape(config.language.host, config.language.metrics_port)
     vision = _scrape(config.vision.host, config.vision.metrics_port)
     for name in ("dvd_time_to_first_token_seconds_count", "dvd_e2e_latency_seconds_count", "dvd_running_requests"):
         assert name in language
-    assert _value(language, 'dvd_requests_total{outcome="ok"}') >= 1
+    for series, added in (
+        ('dvd_requests_total{outcome="ok"}', 1),
+        ("dvd_completion_tokens_total", 3),
+        ("dvd_e2e_latency_seconds_count", 1),
+    ):
+        assert _value(language, series) - _value(before, series) == added, series
     assert "dvd_vision_encode_ms_count" in vision and "dvd_vision_queue_depth" in vision
 
 
@@ -46,4 +52,5 @@ def _scrape(host: str, port: int) -> str:
 
 
 def _value(text: str, series: str) -> float:
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(series))
+    """A series' value; 0 for a labelled series not created yet."""
+    return next((float(line.split()[-1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)

@@ -133,4 +133,24 @@ def test_kv_metrics_describe_the_configured_pool(tight, client_for):
     client_for(tight).generate(to_messages(_conversations()[5]), sampling(max_new_tokens=2))
     assert metric(tight, "dvd_kv_cache_blocks") == 160
     assert metric(tight, "dvd_kv_cache_usage") == 0.0
-    assert metric(tight, "dvd_engine_preemptions_total") >= 0
+
+
+def test_a_pool_too_small_for_two_requests_preempts_and_counts_it(tight, client_for):
+    """A long-running image request holds ~1.8k of the 2560 KV slots; a 900-token text prompt
+    arriving beside it cannot be prefilled without preempting."""
+    client = client_for(tight)
+    before = metric(tight, "dvd_engine_preemptions_total")
+    first = client.stream(to_messages(_conversations()[0]), sampling(**LONG))
+    second = None
+    try:
+        assert all(next(first).HasField("delta") for _ in range(3))  # running and decoding
+        second = client.stream(to_messages([{"role": "user", "content": [text(" hello" * 900)]}]), sampling(**LONG))
+        deadline = time.monotonic() + WAIT_S
+        while metric(tight, "dvd_engine_preemptions_total") == before:
+            assert time.monotonic() < deadline, "no preemption was counted"
+            time.sleep(0.05)
+    finally:
+        for stream in (first, second):
+            if stream is not None:
+                stream.cancel()
+    wait_for_kv_blocks(tight, lambda used: used == 0)
