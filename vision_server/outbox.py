@@ -3,8 +3,9 @@
 Each lane owns a transport sender, a bounded queue and a thread, so a language server that
 stops taking features (gone, or slow) delays only its own answers, never those of other
 language servers. A lane does not send answers whose job's deadline has passed, skips an
-address for one send timeout after it failed to take an answer in time, and answers beyond
-its queue bound are dropped (logged). Lanes are created on first use, up to `max_lanes`;
+address for one send timeout after it failed to take an answer in time, holds at most
+`max_features` answers with feature rows (further ones are answered RESOURCE_EXHAUSTED
+instead) and `max_queued` answers in all (further ones are dropped, logged). Lanes are created on first use, up to `max_lanes`;
 further addresses share lanes. Features that cannot be delivered (no shared memory left, a
 malformed tensor) are replaced by an error header, so the request fails at once.
 """
@@ -27,21 +28,47 @@ from vision_server.worker import JobResult
 log = logging.getLogger(__name__)
 POLL_S = 0.1
 MAX_LANES = 16
-MAX_QUEUED = 256  # answers waiting in one lane
+MAX_QUEUED = 1024  # answers waiting in one lane
+MAX_FEATURES = 64  # of those, answers that carry feature rows
 MAX_DEAD = 64  # addresses a lane remembers as not taking answers
 
 Done = Callable[[], None]
 
 
 class _Lane:
-    def __init__(self, name: str, sender: FeatureSender, max_queued: int, dead_s: float) -> None:
+    def __init__(self, name: str, sender: FeatureSender, max_queued: int, max_features: int, dead_s: float) -> None:
         self.sender = sender
         self.items: queue.Queue[tuple[JobResult, Done | None]] = queue.Queue(max_queued)
         self.stopping = threading.Event()
+        self._features = 0  # queued answers that carry rows
+        self._max_features = max_features
+        self._features_lock = threading.Lock()
         self._dead_s = dead_s
         self._dead_until: dict[str, float] = {}
         self.thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self.thread.start()
+
+    def offer(self, result: JobResult, done: Done | None) -> None:
+        """Queue an answer (raises queue.Full); one with rows beyond max_features becomes an error."""
+        if result.rows is not None:
+            with self._features_lock:
+                full = self._features >= self._max_features
+                if not full:
+                    self._features += 1
+            if full:
+                log.warning("answered RESOURCE_EXHAUSTED: %d answers to %s are waiting to be sent",
+                            self._max_features, result.job.reply_to, extra={"job_id": result.job.job_id})
+                result = _busy(result, f"{self._max_features} answers to {result.job.reply_to} are waiting to be sent")
+        try:
+            self.items.put_nowait((result, done))
+        except queue.Full:
+            self._sent(result)
+            raise
+
+    def _sent(self, result: JobResult) -> None:
+        if result.rows is not None:
+            with self._features_lock:
+                self._features -= 1
 
     def _loop(self) -> None:
         while not (self.stopping.is_set() and self.items.empty()):
@@ -54,6 +81,7 @@ class _Lane:
             except Exception:  # noqa: BLE001 - a malformed answer must not stop the lane
                 log.exception("could not answer a job", extra={"job_id": result.job.job_id})
             finally:
+                self._sent(result)
                 if done is not None:
                     done()
         self.sender.close()
@@ -81,10 +109,14 @@ class Outbox:
     """Sends JobResults to `job.reply_to`; `done` is called once each answer has left, failed or
     been dropped. Creating it creates a sender, so a transport that cannot send fails here."""
 
-    def __init__(self, transport: TransportConfig, max_lanes: int = MAX_LANES, max_queued: int = MAX_QUEUED) -> None:
+    def __init__(
+        self, transport: TransportConfig, max_lanes: int = MAX_LANES, max_queued: int = MAX_QUEUED,
+        max_features: int = MAX_FEATURES,
+    ) -> None:
         self._transport = transport
         self._max_lanes = max_lanes
         self._max_queued = max_queued
+        self._max_features = max_features
         self._lanes: list[_Lane] = []
         self._lane_of: dict[str, _Lane] = {}
         self._lock = threading.Lock()
@@ -100,8 +132,7 @@ class Outbox:
         """Queue an answer on its address's lane. Never blocks or raises: an answer that cannot be
         queued (no sender could be made, the lane is full) is dropped with a log line."""
         try:
-            lane = self._lane(result.job.reply_to)
-            lane.items.put_nowait((result, done))
+            self._lane(result.job.reply_to).offer(result, done)
             return
         except queue.Full:
             log.warning("dropped an answer: the lane to %s already holds %d answers", result.job.reply_to,
@@ -121,7 +152,10 @@ class Outbox:
                 return self._lanes[hash(address) % self._max_lanes]
             sender = self._spare or self._new_sender()
             self._spare = None
-            lane = _Lane(f"vision-send-{len(self._lanes)}", sender, self._max_queued, self._transport.send_timeout_s)
+            lane = _Lane(
+                f"vision-send-{len(self._lanes)}", sender, self._max_queued, self._max_features,
+                self._transport.send_timeout_s,
+            )
             self._lanes.append(lane)
             self._lane_of[address] = lane
             return lane
@@ -168,6 +202,12 @@ def deliver(sender: FeatureSender, result: JobResult) -> bool:
     metrics.SEND_MS.observe((time.perf_counter() - started) * 1000)
     metrics.BYTES_SENT.inc(len(payload))
     return True
+
+
+def _busy(result: JobResult, message: str) -> JobResult:
+    job = result.job
+    header = error_header(job.job_id, job.request_id, JobStatus.RESOURCE_EXHAUSTED, message, result.header.server_id)
+    return JobResult(job, header, None)
 
 
 def _deliver_error(sender: FeatureSender, result: JobResult, message: str) -> bool:

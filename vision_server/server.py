@@ -46,7 +46,7 @@ class VisionServer:
         self.replica = replica
         vc = config.vision
         self.server_id = f"vision-{replica}@{vc.host}:{vc.job_port + replica}"
-        self.outbox = Outbox(config.transport, max_queued=vc.max_queued_jobs)  # first: a bad transport fails fast
+        self.outbox = Outbox(config.transport, max_features=vc.max_queued_jobs)  # first: a bad transport fails fast
         self.worker = VisionWorker(config, replica, self.server_id)
         self.batcher = TileBatcher(vc.max_batch_tiles, vc.max_wait_ms)
         self.jobs = PullChannel(f"tcp://{vc.host}:{vc.job_port + replica}", max_message_bytes=max_job_bytes(config))

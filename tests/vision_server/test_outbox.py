@@ -101,7 +101,7 @@ def test_the_batch_thread_survives_an_outbox_that_raises_and_frees_every_slot():
 
 
 def test_a_gone_requester_holds_no_slot_and_its_answers_drain_quickly():
-    outbox = Outbox(TransportConfig(send_timeout_s=0.5), max_queued=3)
+    outbox = Outbox(TransportConfig(send_timeout_s=0.5), max_queued=3, max_features=2)
     finished, done = Counter(), Counter()
     server = types.SimpleNamespace(
         _finished=finished, outbox=types.SimpleNamespace(put=lambda result: outbox.put(result, done)),
@@ -112,9 +112,28 @@ def test_a_gone_requester_holds_no_slot_and_its_answers_drain_quickly():
         VisionServer._answer_batch(server, ["a", "b", "c", "d", "e"])
         assert finished.calls == 5  # the slots are free before any answer has been tried
         assert wait_until(lambda: done.calls == 5, TIMEOUT_S)
-        # one send timed out; the next answers to that address were skipped, the 4th and 5th
-        # did not fit the lane's queue
+        # one send timed out; the next answers to that address were skipped or did not fit the lane
         assert time.monotonic() - started < 2.5
+    finally:
+        outbox.close(TIMEOUT_S)
+
+
+def test_answers_with_rows_beyond_the_lanes_bound_become_resource_exhausted(receiver):
+    outbox = Outbox(TransportConfig(send_timeout_s=0.5), max_lanes=1, max_features=2)  # one lane for all
+    try:
+        outbox.put(answer("stuck", GONE))  # the lane blocks on it for send_timeout_s, holding its rows
+        assert wait_until(lambda: outbox._lane(GONE).items.empty(), TIMEOUT_S)
+        for name in ("kept", "busy-1", "busy-2"):
+            outbox.put(answer(name, receiver.address))
+        got = {}
+        for _ in range(3):
+            frame = receiver.recv(TIMEOUT_S)
+            assert frame is not None, "an answer is missing"
+            header = decode_header(frame.header)
+            got[header.job_id] = header
+        assert got["kept"].ok
+        assert got["busy-1"].status == got["busy-2"].status == JobStatus.RESOURCE_EXHAUSTED
+        assert "2 answers to" in got["busy-1"].error_message
     finally:
         outbox.close(TIMEOUT_S)
 
