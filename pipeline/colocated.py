@@ -10,12 +10,21 @@ servers behave, and what DvD is measured against.
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import time
 
 from language_server.engine.sampling import SamplingParams
 from language_server.engine.sequence import EngineRequest, Prepared
-from language_server.media import MediaStage, MediaTrace, build_prompt, per_media, vision_jobs
+from language_server.media import (
+    MediaStage,
+    MediaTrace,
+    build_prompt,
+    check_fits_without_media,
+    check_frame_tiles,
+    per_media,
+    vision_jobs,
+)
 from language_server.prompt import PromptBuilder
 from language_server.request import GenerationRequest
 from pipeline.config import DvDConfig
@@ -37,10 +46,11 @@ class InlineMedia:
         trace = MediaTrace()
         max_len = self.config.language.max_model_len
         if not req.media:
-            prompt = build_prompt(self.prompts, req, [], max_len)
+            prompt = await asyncio.to_thread(build_prompt, self.prompts, req, [], max_len)
             trace.record([], prompt)
             return EngineRequest(req.request_id, prompt.token_ids, params), trace
         jobs = vision_jobs(req, self.config, group_images=self.worker.router is not None)
+        await asyncio.to_thread(check_fits_without_media, self.prompts, req, max_len)
         submitted = time.perf_counter()
 
         def prepare() -> Prepared:
@@ -48,6 +58,7 @@ class InlineMedia:
             answers = self.worker.encode(jobs)
             for header, _ in answers:
                 header.raise_for_status()
+            check_frame_tiles(jobs, [header for header, _ in answers])
             layouts, rows = per_media(req, jobs, answers)
             prompt = build_prompt(self.prompts, req, layouts, max_len)
             trace.record([header for header, _ in answers], prompt)

@@ -54,3 +54,13 @@ def test_colocated_timings_split_vision_from_prefill(colocated, client_for):
     timings = result.timings
     assert timings.vision_compute_ms > 0 and timings.transfer_ms == 0
     assert timings.prefill_ms < timings.time_to_first_token_ms - timings.vision_compute_ms + 1.0
+
+
+def test_colocated_refuses_a_prompt_too_long_before_encoding_its_image(colocated, client_for):
+    long_text = "lorem ipsum " * 5000  # about 10k tokens against max_model_len 8192
+    with pytest.raises(grpc.RpcError) as info:
+        client_for(colocated).generate(
+            [message("user", image(photo_bytes("chelsea")), long_text)], sampling(max_new_tokens=2)
+        )
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "before its images" in info.value.details()
