@@ -35,7 +35,7 @@ from nixl._api import nixl_agent, nixl_agent_config
 from pipeline.config import TransportConfig
 from pipeline.transport.base import FeatureReceiver, FeatureSender, ReceivedFrame, TransportBackend, TransportError
 from pipeline.transport.nixl_pool import RegisteredBuffer, RegisteredPool
-from pipeline.transport.tcp import TcpBackend, TcpReceiver, TcpSender
+from pipeline.transport.tcp import DEFAULT_MAX_FRAME_BYTES, TcpBackend, TcpReceiver, TcpSender
 
 log = logging.getLogger(__name__)
 DESCRIPTOR_MAGIC = b"DVDNIXL1"
@@ -140,8 +140,11 @@ class NixlSender(FeatureSender):
 
 
 class NixlReceiver(FeatureReceiver):
-    def __init__(self, config: TransportConfig, control: TcpReceiver) -> None:
+    def __init__(
+        self, config: TransportConfig, control: TcpReceiver, max_payload_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    ) -> None:
         self._control = control
+        self._max_payload_bytes = max_payload_bytes
         self._read_timeout_s = config.send_timeout_s
         self._agent = make_agent(config, "language")
         self._pool = RegisteredPool(self._agent, config.pool_idle_s)
@@ -174,8 +177,8 @@ class NixlReceiver(FeatureReceiver):
     def _read(
         self, header: bytes, address: int, nbytes: int, transfer_id: int, agent_name: str, metadata: bytes
     ) -> ReceivedFrame:
-        if nbytes <= 0:
-            raise ValueError(f"descriptor announces {nbytes} bytes")
+        if not 0 < nbytes <= self._max_payload_bytes:
+            raise ValueError(f"descriptor announces {nbytes} bytes (at most {self._max_payload_bytes} are taken)")
         if self._remotes.get(agent_name) != metadata:
             added = self._agent.add_remote_agent(metadata)
             if (added.decode() if isinstance(added, bytes) else added) != agent_name:
@@ -196,6 +199,7 @@ class NixlReceiver(FeatureReceiver):
         local = self._agent.get_xfer_descs([(buffer.address, nbytes, 0)], "DRAM")
         remote = self._agent.get_xfer_descs([(address, nbytes, 0)], "DRAM")
         handle = self._agent.initialize_xfer("READ", local, remote, agent, _NOTIF.pack(transfer_id))
+        state = None
         try:
             state = self._agent.transfer(handle)
             deadline = time.monotonic() + self._read_timeout_s
@@ -214,6 +218,8 @@ class NixlReceiver(FeatureReceiver):
                 self._agent.release_xfer_handle(handle)
             except Exception as exc:  # noqa: BLE001 - a transfer still in flight cannot always be released
                 log.warning("cannot release a nixl transfer: %s", exc)
+                if state != "DONE":
+                    self._pool.strand(buffer)  # the read may still write into it: never reuse or free it
 
     def close(self) -> None:
         self._control.close()
@@ -248,10 +254,10 @@ class NixlBackend(TransportBackend):
             control.close()
             raise
 
-    def receiver(self, host: str, port: int) -> FeatureReceiver:
-        control = TcpBackend(self.config).receiver(host, port)
+    def receiver(self, host: str, port: int, max_frame_bytes: int | None = None) -> FeatureReceiver:
+        control = TcpBackend(self.config).receiver(host, port, max_frame_bytes)
         try:
-            return NixlReceiver(self.config, control)
+            return NixlReceiver(self.config, control, max_frame_bytes or DEFAULT_MAX_FRAME_BYTES)
         except BaseException:
             control.close()
             raise

@@ -40,6 +40,7 @@ class RegisteredPool:
         self._agent = agent
         self._idle_s = idle_s
         self._buffers: list[RegisteredBuffer] = []
+        self._stranded: list[RegisteredBuffer] = []
         self.version = 0  # bumped on every (de)registration: the agent's metadata changed
         self._lock = threading.RLock()  # RLock: a GC finalizer may give a buffer back while it is held
 
@@ -70,6 +71,14 @@ class RegisteredPool:
                 self._buffers.remove(buffer)
                 self._agent.deregister_memory(buffer.registration)
                 self.version += 1
+
+    def strand(self, buffer: RegisteredBuffer) -> None:
+        """Take a buffer out of use for good without deregistering or freeing it (a transfer into
+        it could not be stopped); it stays allocated until the process exits."""
+        with self._lock:
+            if buffer in self._buffers:
+                self._buffers.remove(buffer)
+            self._stranded.append(buffer)
 
     def trim(self) -> None:
         """Deregister buffers that stayed free longer than idle_s."""

@@ -95,3 +95,28 @@ def test_bad_descriptors_give_an_empty_payload_and_receiving_goes_on(make_pair):
 def test_an_unknown_plugin_is_named():
     with pytest.raises(TransportError, match="NIXL plugin 'NOPE' is not available"):
         create_backend(TransportConfig(backend="nixl", rdma_plugin="NOPE")).sender()
+
+
+def test_a_payload_over_the_limit_is_refused_before_a_buffer_is_taken(make_pair):
+    backend = create_backend(TransportConfig(backend="nixl", rdma_transports="tcp"))
+    receiver, sender = backend.receiver("127.0.0.1", 0, max_frame_bytes=4096), backend.sender()
+    make_pair.made.extend([sender, receiver])
+    send_features(sender, receiver, 1)  # 512 x 256 bf16 rows: 256 KiB
+    frame = receiver.recv(timeout_s=TIMEOUT_S)
+    assert frame is not None and frame.payload.nbytes == 0
+    assert receiver.pooled_buffers == 0
+
+
+def test_a_buffer_whose_failed_read_cannot_be_released_is_never_reused(make_pair, monkeypatch):
+    sender, receiver = make_pair(rdma_transports="tcp")
+    agent = receiver._agent
+
+    def refuse(handle) -> None:
+        raise RuntimeError("transfer still in flight")
+
+    monkeypatch.setattr(agent, "transfer", lambda handle: "ERR")
+    monkeypatch.setattr(agent, "release_xfer_handle", refuse)
+    send_features(sender, receiver, 2)
+    frame = receiver.recv(timeout_s=TIMEOUT_S)
+    assert frame is not None and frame.payload.nbytes == 0
+    assert receiver.pooled_buffers == 0 and len(receiver._pool._stranded) == 1
