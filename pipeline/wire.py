@@ -267,6 +267,12 @@ def error_header(job_id: str, request_id: str, status: int, message: str, server
     return FeatureHeader(job_id=job_id, request_id=request_id, status=status, error_message=message, server_id=server_id)
 
 
+def max_feature_bytes(max_tiles: int, hidden_size: int, tokens_per_tile: int = 256) -> int:
+    """The largest feature payload one job can have: every tile of a request at full token
+    count, in the widest dtype on the wire (float32). A receiver's frame-size limit."""
+    return max_tiles * tokens_per_tile * hidden_size * max(dtype.itemsize for dtype in _DTYPE_CODES)
+
+
 def encode_features(header: FeatureHeader, tensor: torch.Tensor | None) -> tuple[bytes, memoryview]:
     """Serialize a header and expose the tensor's bytes without copying (CPU, contiguous)."""
     if tensor is None:

@@ -105,3 +105,12 @@ def test_error_headers_carry_no_payload():
     decoded = decode_features(decode_header(frame), payload)
     assert decoded.tensor is None and decoded.header.error_message == "image too small"
     assert JobStatus.name(decoded.header.status) == "invalid_input"
+
+
+def test_the_feature_size_limit_holds_the_largest_answer():
+    from pipeline.wire import max_feature_bytes
+
+    largest = torch.zeros(128 * 256, 64, dtype=torch.float32)  # 128 tiles of 256 rows
+    frame, payload = _encode(largest, (256,) * 128)
+    assert payload.nbytes == max_feature_bytes(128, 64)
+    assert max_feature_bytes(128, 64) < max_feature_bytes(129, 64)
