@@ -7,22 +7,28 @@ value out of range stops start-up with a ConfigError naming the file and the key
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
+from pipeline.config_fields import (
+    ConfigError,
+    build,
+    distinct_ports,
+    host_port,
+    non_negative,
+    plain,
+    ports,
+    positive,
+    same_host,
+    set_dotted,
+)
+
 DType = Literal["float32", "bfloat16", "float16"]
-
-
-class ConfigError(ValueError):
-    """A configuration file names an unknown key or holds a bad value."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,7 @@ class ImageLimits:
     max_tiles_per_request: int = 128  # all images and video frames of one request, thumbnails included
 
     def check(self) -> None:
-        _positive(
+        positive(
             self, "min_tiles", "max_tiles", "max_image_bytes", "max_image_pixels", "min_image_side",
             "max_tiles_per_request",
         )
@@ -73,7 +79,7 @@ class VideoLimits:
     max_duration_s: float = 3600.0
 
     def check(self) -> None:
-        _positive(
+        positive(
             self, "num_segments", "max_segments", "tiles_per_frame", "max_tiles_per_frame", "max_video_bytes",
             "max_duration_s",
         )
@@ -105,13 +111,13 @@ class VisionConfig:
     replica_timeout_s: float = 30.0  # language side: a job unanswered this long goes to another replica unless its own is healthy
 
     def check(self) -> None:
-        _positive(self, "max_batch_tiles", "replicas", "preprocess_workers", "max_queued_jobs", "replica_timeout_s")
-        _ports(self, "metrics_port", last=self.replicas - 1, off_ok=True)
-        _ports(self, "job_port", "grpc_port", last=self.replicas - 1)
-        _non_negative(self, "threads", "max_wait_ms", "feature_cache_bytes")
+        positive(self, "max_batch_tiles", "replicas", "preprocess_workers", "max_queued_jobs", "replica_timeout_s")
+        ports(self, "metrics_port", last=self.replicas - 1, off_ok=True)
+        ports(self, "job_port", "grpc_port", last=self.replicas - 1)
+        non_negative(self, "threads", "max_wait_ms", "feature_cache_bytes")
         if self.devices and len(self.devices) != self.replicas:
             raise ValueError(f"devices lists {len(self.devices)} devices for {self.replicas} replicas")
-        _distinct_ports(self.endpoints(), "vision.")
+        distinct_ports(self.endpoints(), "vision.")
 
     def endpoints(self) -> list[tuple[str, int]]:
         """(key, port) of every port the replicas bind; replica i uses each port + i."""
@@ -160,11 +166,11 @@ class LanguageConfig:
     linear_kernel: Literal["auto", "torch"] = "auto"
 
     def check(self) -> None:
-        _positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory_fraction")
-        _non_negative(self, "num_kv_blocks")
+        positive(self, "max_num_seqs", "max_num_batched_tokens", "block_size", "kv_cache_memory_fraction")
+        non_negative(self, "num_kv_blocks")
         if self.kv_cache_memory_fraction > 1:
             raise ValueError(f"kv_cache_memory_fraction must be <= 1, got {self.kv_cache_memory_fraction}")
-        _positive(
+        positive(
             self,
             "max_model_len",
             "default_max_new_tokens",
@@ -177,9 +183,9 @@ class LanguageConfig:
             "max_vision_requests",
             "max_llm_requests",
         )
-        _ports(self, "grpc_port", "feature_port")
-        _ports(self, "metrics_port", off_ok=True)
-        _non_negative(self, "threads")
+        ports(self, "grpc_port", "feature_port")
+        ports(self, "metrics_port", off_ok=True)
+        non_negative(self, "threads")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens exceeds max_new_tokens_limit")
         if self.num_kv_blocks and self.num_kv_blocks * self.block_size < self.max_model_len:
@@ -187,9 +193,9 @@ class LanguageConfig:
                 f"num_kv_blocks: {self.num_kv_blocks} blocks of {self.block_size} tokens hold fewer than "
                 f"max_model_len ({self.max_model_len}) tokens; one long sequence could never run"
             )
-        _distinct_ports(self.endpoints(), "language.")
+        distinct_ports(self.endpoints(), "language.")
         for address in self.vision_servers:
-            _host_port(address, "vision_servers")
+            host_port(address, "vision_servers")
 
     def endpoints(self) -> list[tuple[str, int]]:
         """(key, port) of every port the language server binds."""
@@ -215,7 +221,7 @@ class TransportConfig:
 
         if self.backend not in registered_backends():
             raise ValueError(f"backend: unknown backend {self.backend!r} (known: {registered_backends()})")
-        _positive(self, "send_timeout_s", "high_water_mark", "payload_timeout_s", "pool_idle_s")
+        positive(self, "send_timeout_s", "high_water_mark", "payload_timeout_s", "pool_idle_s")
         if self.payload_timeout_s < self.send_timeout_s:
             raise ValueError(
                 f"payload_timeout_s ({self.payload_timeout_s:g}) is shorter than send_timeout_s "
@@ -259,8 +265,8 @@ class DvDConfig:
                     "vision.threads: colocated mode runs the vision encoder on the language server's threads "
                     "(language.threads); leave vision.threads at 0"
                 )
-        elif not lc.vision_servers and _same_host(vc.host, lc.host):
-            _distinct_ports(
+        elif not lc.vision_servers and same_host(vc.host, lc.host):
+            distinct_ports(
                 [(f"vision.{k}", p) for k, p in vc.endpoints()] + [(f"language.{k}", p) for k, p in lc.endpoints()], ""
             )
 
@@ -283,14 +289,14 @@ def load_config(path: str | os.PathLike[str], overrides: dict[str, Any] | None =
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     for dotted, value in (overrides or {}).items():
-        _set_dotted(raw, dotted, value)
+        set_dotted(raw, dotted, value)
     return config_from_dict(raw, source=str(path))
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DvDConfig:
     """Build and validate a DvDConfig from plain data."""
     try:
-        config = _build(DvDConfig, raw, "")
+        config = build(DvDConfig, raw, "")
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return dataclasses.replace(config, source=source)
@@ -308,129 +314,4 @@ def to_dict(config: Any) -> dict[str, Any]:
     """Plain-data form of a config (for YAML dumps and logs)."""
     data = dataclasses.asdict(config)
     data.pop("source", None)
-    return _plain(data)
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = raw
-    for part in parents:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[leaf] = value
-
-
-def _build(cls: type, raw: Any, prefix: str) -> Any:
-    where = prefix.rstrip(".") or "top level"
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ConfigError(f"unknown key '{prefix}{unknown[0]}' (known keys here: {', '.join(fields)})")
-    values = {name: _coerce(hints[name], raw[name], f"{prefix}{name}") for name in fields if name in raw}
-    try:
-        instance = cls(**values)
-        instance.check()
-    except ValueError as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"{prefix}{exc}") from None
-    return instance
-
-
-def _coerce(hint: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, key + ".")
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
-        return value
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _coerce(inner, value, key)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__}")
-        (inner, _ellipsis) = typing.get_args(hint)
-        return tuple(_coerce(inner, v, f"{key}[{i}]") for i, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
-        if not math.isfinite(value):
-            raise ConfigError(f"{key}: expected a finite number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
-        return value
-    raise TypeError(f"unsupported config type {hint!r} for {key}")
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for name in names:
-        if getattr(obj, name) <= 0:
-            raise ValueError(f"{name}: must be > 0, got {getattr(obj, name)!r}")
-
-
-def _non_negative(obj: Any, *names: str) -> None:
-    for name in names:
-        if getattr(obj, name) < 0:
-            raise ValueError(f"{name}: must be >= 0, got {getattr(obj, name)!r}")
-
-
-def _ports(obj: Any, *names: str, last: int = 0, off_ok: bool = False) -> None:
-    """Each port (and port + `last`, for replicas) in 1..65535; 0 too where it switches the endpoint off."""
-    for name in names:
-        port = getattr(obj, name)
-        if port == 0 and off_ok:
-            continue
-        if not 1 <= port <= 65535:
-            raise ValueError(f"{name}: not a TCP port: {port!r}" + (" (0 only switches metrics off)" if port == 0 else ""))
-        if port + last > 65535:
-            raise ValueError(f"{name}: replica {last} would use port {port + last}, above 65535")
-
-
-def _distinct_ports(endpoints: list[tuple[str, int]], prefix: str) -> None:
-    seen: dict[int, str] = {}
-    for key, port in endpoints:
-        if port in seen:
-            raise ConfigError(f"{prefix}{key} and {prefix}{seen[port]} both use port {port}")
-        seen[port] = key
-
-
-_ANY_HOST = ("", "0.0.0.0", "::", "[::]", "*")
-
-
-def _same_host(a: str, b: str) -> bool:
-    return a == b or a in _ANY_HOST or b in _ANY_HOST
-
-
-def _host_port(address: str, key: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
-        raise ValueError(f"{key}: expected host:port, got {address!r}")
-    return host, int(port)
+    return plain(data)
