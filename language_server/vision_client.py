@@ -28,10 +28,19 @@ from pipeline.channels import PushChannel
 from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded, InternalError, Unavailable
 from pipeline.transport import FeatureReceiver, create_backend
-from pipeline.wire import Features, JobStatus, VisionJob, WireError, decode_features, decode_header
+from pipeline.wire import (
+    Features,
+    JobStatus,
+    VisionJob,
+    WireError,
+    decode_features,
+    decode_header,
+    max_feature_bytes,
+)
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
+HEADER_BYTES = 1 << 20  # room for a feature header beside the largest payload
 DOWN_S = 10.0  # a replica that failed a job is skipped this long
 PROBE_S = 2.0  # a health check that takes longer counts as failed
 
@@ -88,7 +97,9 @@ class VisionClient:
             for i, endpoint in enumerate(self.endpoints)
         ]
         lc = config.language
-        self.receiver: FeatureReceiver = create_backend(config.transport).receiver(lc.host, lc.feature_port)
+        # The largest answer a request may have (plus its header); 0: unknown width, the transport's default.
+        largest = max_feature_bytes(config.images.max_tiles_per_request, hidden_size) + HEADER_BYTES if hidden_size else None
+        self.receiver: FeatureReceiver = create_backend(config.transport).receiver(lc.host, lc.feature_port, largest)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()

@@ -58,7 +58,7 @@ class VisionServer:
 
     def _start_grpc(self) -> grpc.Server:
         vc = self.config.vision
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)])
         info = server_info(
             "vision",
             self.worker.checkpoint,
@@ -69,7 +69,9 @@ class VisionServer:
         )
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(info), server)
         health = add_health_and_reflection(server, ["dvd.v1.Admin"], aio=False)
-        server.add_insecure_port(f"{vc.host}:{vc.grpc_port + self.replica}")
+        address = f"{vc.host}:{vc.grpc_port + self.replica}"
+        if not server.add_insecure_port(address):
+            raise RuntimeError(f"cannot bind the vision gRPC service to {address}")
         server.start()
         health.set("", SERVING)
         return server

@@ -199,3 +199,29 @@ def test_stop_sweeps_shm_segments_of_dead_servers():
         assert not stale.exists()
     finally:
         stale.unlink(missing_ok=True)
+
+
+def test_a_vision_port_shared_through_so_reuseport_fails_start_up(tmp_path):
+    """gRPC sets SO_REUSEPORT by default, which would let the vision server bind beside another."""
+    from concurrent import futures
+
+    from pipeline.launch import Deployment, LaunchError
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    other = grpc.server(futures.ThreadPoolExecutor(2))  # SO_REUSEPORT on, as gRPC's default
+    servicer = health.HealthServicer()  # answers NOT_SERVING, so the launcher waits for the child
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, other)
+    port = other.add_insecure_port("127.0.0.1:0")
+    other.start()
+    servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    try:
+        deployment = Deployment(TINY_CONFIG, {**port_overrides(), "vision.grpc_port": port}, log_dir=tmp_path)
+        with pytest.raises(LaunchError) as failure:
+            deployment.start(timeout_s=START_TIMEOUT_S)
+        assert str(failure.value).startswith("vision")
+        assert "exited during start-up" in str(failure.value)
+        assert f"bind to address 127.0.0.1:{port}" in str(failure.value)  # the log tail says why
+        assert all(not server.alive for server in deployment.servers)
+    finally:
+        other.stop(0)

@@ -65,3 +65,18 @@ def test_an_unexpected_error_fails_that_job_and_the_receiver_goes_on(monkeypatch
         sender.close()
         client.close()
     assert calls == ["first", "second"]
+
+
+def test_the_feature_socket_refuses_frames_larger_than_any_answer():
+    import zmq
+
+    from pipeline.wire import max_feature_bytes
+
+    config = _config()
+    client = VisionClient(config, hidden_size=HIDDEN)
+    try:
+        limit = client.receiver._socket.getsockopt(zmq.MAXMSGSIZE)
+    finally:
+        client.close()
+    largest = max_feature_bytes(config.images.max_tiles_per_request, HIDDEN)
+    assert largest < limit <= largest + vision_client.HEADER_BYTES
