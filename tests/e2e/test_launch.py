@@ -4,6 +4,7 @@ says why, and a port answered by another process is not mistaken for a started s
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import shlex
@@ -11,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -64,15 +66,23 @@ def _children(pid: int) -> list[int]:
         return [int(child) for child in children.read().split()]
 
 
-def _launch(overrides: dict) -> subprocess.Popen:
+@contextlib.contextmanager
+def _launched(overrides: dict) -> Iterator[subprocess.Popen]:
+    """`dvd serve` as a child process; killed on the way out if a test left it running."""
     settings = [f"--set={k}={v}" for k, v in overrides.items()]
-    return subprocess.Popen(
+    launcher = subprocess.Popen(
         [sys.executable, "-m", "pipeline", "serve", "--config", str(TINY_CONFIG), *settings],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
+    try:
+        yield launcher
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+            launcher.wait(10)
 
 
 def _server_pids(overrides: dict) -> list[int]:
@@ -82,8 +92,7 @@ def _server_pids(overrides: dict) -> list[int]:
 
 def test_serve_prints_a_working_client_command_and_ctrl_c_stops_everything():
     overrides = {**port_overrides(), "language.api_key": "s3cret"}  # the printed command must carry it
-    launcher = _launch(overrides)
-    try:
+    with _launched(overrides) as launcher:
         lines = _lines(launcher.stdout)
         output = _read_until(lines, "Ctrl-C stops both servers")
         command = next(line.strip() for line in output if " chat " in line)
@@ -96,26 +105,17 @@ def test_serve_prints_a_working_client_command_and_ctrl_c_stops_everything():
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(timeout=60) == 0
         assert not any(_running(pid) for pid in pids)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait(10)
 
 
 def test_servers_go_when_their_launcher_is_killed():
     overrides = port_overrides()
-    launcher = _launch(overrides)
-    try:
+    with _launched(overrides) as launcher:
         _read_until(_lines(launcher.stdout), "Ctrl-C stops both servers")
         pids = _server_pids(overrides)
         assert all(_running(pid) for pid in pids)
         launcher.kill()  # SIGKILL: the launcher cannot stop them itself
         launcher.wait(10)
         assert wait_until(lambda: not any(_running(pid) for pid in pids), timeout_s=60)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait(10)
 
 
 def test_a_server_that_fails_to_start_is_reported_with_its_exit_and_log(tmp_path):
@@ -131,18 +131,13 @@ def test_a_server_that_fails_to_start_is_reported_with_its_exit_and_log(tmp_path
 
 
 def test_ctrl_c_during_start_up_stops_the_servers():
-    launcher = _launch(port_overrides())
-    try:
+    with _launched(port_overrides()) as launcher:
         _read_until(_lines(launcher.stdout), "dvd: starting")
         assert wait_until(lambda: len(_children(launcher.pid)) == 2, timeout_s=30)
         pids = _children(launcher.pid)
         launcher.send_signal(signal.SIGINT)  # the servers are still loading
         assert launcher.wait(timeout=60) == 130
         assert not any(_running(pid) for pid in pids)
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-            launcher.wait(10)
 
 
 def test_a_port_held_by_another_server_fails_start_up(tmp_path):
