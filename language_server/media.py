@@ -66,6 +66,8 @@ def vision_jobs(req: GenerationRequest, config: DvDConfig, group_images: bool) -
 
     With `group_images` (ViR checkpoints) all images of the request travel as one job, so that
     the router's quantile is taken over every tile of the request; otherwise one job per image.
+    Video frames follow the images' thumbnail rule, as InternVL's `load_video` tiles each frame
+    like an image (a frame cut into several tiles gets a thumbnail after them).
     """
     images = config.images
     image_parts = [p for p in req.media if isinstance(p, ImagePart)]
@@ -87,7 +89,7 @@ def vision_jobs(req: GenerationRequest, config: DvDConfig, group_images: bool) -
         elif isinstance(part, VideoPart):
             jobs.append(
                 VisionJob(job_id=new_job_id(), kind="video", data=part.data, max_tiles=part.max_tiles_per_frame,
-                          use_thumbnail=False, num_segments=part.num_segments, start_s=part.start_s,
+                          use_thumbnail=images.use_thumbnail, num_segments=part.num_segments, start_s=part.start_s,
                           end_s=part.end_s, **{**common, "min_tiles": 1})
             )
     return jobs

@@ -145,9 +145,9 @@ def _video(video: pb.VideoInput, where: str, config: DvDConfig) -> VideoPart:
 def _tiles(part: ImagePart | VideoPart, config: DvDConfig) -> int:
     """Tiles a media part will make (videos: at most); an unreadable image counts one, the vision
     server then reports what is wrong with it."""
-    if isinstance(part, VideoPart):
-        return video_tiles(part.num_segments, part.max_tiles_per_frame, use_thumbnail=False)
     images = config.images
+    if isinstance(part, VideoPart):
+        return video_tiles(part.num_segments, part.max_tiles_per_frame, images.use_thumbnail)
     return image_tiles(part.data, images.min_tiles, part.max_tiles, images.use_thumbnail) or 1
 
 

@@ -2,8 +2,8 @@
 
 transformers' own InternVL video processor needs torchvision, so the reference frames are
 built here independently: the published sampling formula, PyAV decoding of those frames,
-GotOcr2 preprocessing of each frame (one tile), and the processor's prompt expansion
-("Frame{i}: <img>...</img>" lines in place of <video>).
+GotOcr2 preprocessing of each frame (one tile, or several and a thumbnail), and the processor's
+prompt expansion ("Frame{i}: <img>...</img>" lines in place of <video>).
 """
 
 from __future__ import annotations
@@ -42,15 +42,21 @@ def published_indices(num_frames: int, num_segments: int) -> list[int]:
     return [int(start + seg / 2 + np.round(seg * i)) for i in range(num_segments)]
 
 
-def reference_tokens(reference: Reference, clip: bytes) -> tuple[list[int], int]:
+def reference_tokens(reference: Reference, clip: bytes, tiles_per_frame: int = 1) -> tuple[list[int], int]:
+    """Greedy tokens and prompt length of transformers' InternVL; each frame is tiled like an
+    image with up to `tiles_per_frame` tiles plus, when it makes several, the thumbnail (as
+    InternVL's load_video does)."""
     frames = pyav_frames(clip)
     images = [Image.fromarray(frames[i]) for i in published_indices(len(frames), SEGMENTS)]
-    pixel_values = reference.image_processor(images=images, max_patches=1, return_tensors="pt")["pixel_values"]
-    assert pixel_values.shape[0] == SEGMENTS  # one tile per frame
+    per_frame = [
+        reference.image_processor(images=[frame], max_patches=tiles_per_frame, return_tensors="pt")["pixel_values"]
+        for frame in images
+    ]
+    pixel_values = torch.cat(per_frame)
     conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": QUESTION}]}]
     text = reference.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
-    block = "<img>" + "<IMG_CONTEXT>" * 256 + "</img>"
-    frames_text = "\n".join(f"Frame{i + 1}: {block}" for i in range(SEGMENTS))
+    blocks = ["<img>" + "<IMG_CONTEXT>" * 256 * len(tiles) + "</img>" for tiles in per_frame]
+    frames_text = "\n".join(f"Frame{i + 1}: {block}" for i, block in enumerate(blocks))
     assert text.count("<video>") == 1
     input_ids = reference.tokenizer(text.replace("<video>", frames_text), return_tensors="pt")["input_ids"]
     with torch.inference_mode():
@@ -68,6 +74,18 @@ def test_video_greedy_tokens_equal_transformers(fp32_deployment, client_for, ref
     assert list(result.token_ids) == expected
     assert result.usage.prompt_tokens == prompt_tokens
     assert result.usage.image_tiles == SEGMENTS and result.usage.image_tokens == SEGMENTS * 256
+
+
+def test_multi_tile_frames_with_thumbnails_equal_transformers(fp32_deployment, client_for, reference):
+    wide = mp4_bytes(moving_frames(FRAMES, width=640, height=240), fps=FPS)  # a 2x1 grid per frame
+    expected, prompt_tokens = reference_tokens(reference, wide, tiles_per_frame=2)
+    result = client_for(fp32_deployment).generate(
+        [message("user", video(wide, num_segments=SEGMENTS, max_tiles_per_frame=2), QUESTION)],
+        sampling(max_new_tokens=MAX_NEW_TOKENS),
+    )
+    assert result.usage.image_tiles == SEGMENTS * 3  # two tiles and the thumbnail per frame
+    assert result.usage.prompt_tokens == prompt_tokens
+    assert list(result.token_ids) == expected
 
 
 def test_the_sampled_frames_matter(fp32_deployment, client_for, clip):

@@ -41,6 +41,15 @@ def test_vir_groups_the_images_of_a_request_into_one_job():
     assert vision_jobs(single, DvDConfig(), group_images=True)[0].data == b"a"
 
 
+def test_video_jobs_follow_the_images_thumbnail_rule():
+    video_only = GenerationRequest("v", (ChatMessage("user", (VIDEO, TextPart("?"))),), SamplingParams())
+    (job,) = vision_jobs(video_only, DvDConfig(), group_images=False)
+    assert job.use_thumbnail  # as InternVL's load_video, which tiles every frame with a thumbnail
+    no_thumbnails = replace(DvDConfig(), images=replace(DvDConfig().images, use_thumbnail=False))
+    (job,) = vision_jobs(video_only, no_thumbnails, group_images=False)
+    assert not job.use_thumbnail
+
+
 def _answer(job: VisionJob, tile_tokens: tuple[int, ...], frame_tiles: tuple[int, ...], first_row: float):
     rows = torch.arange(sum(tile_tokens), dtype=torch.float32)[:, None] + first_row
     return FeatureHeader(job.job_id, "r", tile_tokens=tile_tokens, frame_tiles=frame_tiles), rows

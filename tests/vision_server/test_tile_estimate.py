@@ -77,6 +77,9 @@ def request(*parts) -> pb.GenerateRequest:
         ((video(b"clip", max_tiles_per_frame=5),), {}, "max_tiles_per_frame must be in 1..4"),
         ((video(b"x" * 2000),), {"video.max_video_bytes": 1000}, "video is 2000 bytes, over the limit of 1000"),
         ((video(b"clip", num_segments=40),), {"images.max_tiles_per_request": 32}, "40 tiles, over the limit of 32"),
+        # 2 tiles per frame make 3 with the thumbnail (InternVL's load_video): 8 frames are 24 tiles
+        ((video(b"clip", num_segments=8, max_tiles_per_frame=2),), {"images.max_tiles_per_request": 20},
+         "24 tiles, over the limit of 20"),
         ((pb.ContentPart(video=pb.VideoInput(data=b"clip", start_s=-2.0)),), {}, "start_s must be in 0..3600"),
     ],
 )

@@ -106,3 +106,31 @@ def test_tiles_per_frame_and_the_request_tile_budget(worker):
         limited.close()
     assert over.status == JobStatus.INVALID_INPUT and none is None
     assert "9 tiles exceed the limit of 8 tiles per request" in over.error_message
+
+
+def test_multi_tile_frames_get_a_thumbnail_like_internvl_load_video():
+    """InternVL's load_video tiles each frame with use_thumbnail=True: a frame cut into several
+    tiles gets a thumbnail last. The job the language server builds asks for that, its tile
+    estimate equals what is made, and each frame's pixels equal the GotOcr2 reference's."""
+    from language_server.media import vision_jobs
+    from language_server.request import ChatMessage, GenerationRequest, TextPart, VideoPart, _tiles
+    from language_server.engine.sampling import SamplingParams
+    from language_server.vision_client import estimate_tiles
+    from pipeline.tiny_model import build_image_processor
+    from tests.vision_server.conftest import vision_config
+    from vision_server.jobs import load_pixels
+
+    config = vision_config()
+    wide = mp4_bytes(moving_frames(12, width=640, height=240), fps=FPS)
+    part = VideoPart(wide, num_segments=2, max_tiles_per_frame=3)
+    request = GenerationRequest("r", (ChatMessage("user", (part, TextPart("?"))),), SamplingParams())
+    (job,) = vision_jobs(request, config, group_images=False)
+    pixels, frame_tiles = load_pixels(job, config)
+    assert frame_tiles == (4, 4)  # a 3x1 grid plus the thumbnail, per frame
+    assert estimate_tiles(job) == _tiles(part, config) == sum(frame_tiles)
+
+    frames = decode_video_frames(wide, VideoSampling(2), VideoLimits(), ImageLimits())
+    expected = build_image_processor()(images=frames, max_patches=3, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels, expected, atol=1e-6, rtol=0)
+    thumbnails = build_image_processor()(images=frames, max_patches=1, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(pixels[3::4], thumbnails, atol=1e-6, rtol=0)  # the thumbnail is last
