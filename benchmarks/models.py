@@ -14,7 +14,7 @@ SMALL_VISION = {**VISION_CONFIG, "hidden_size": 192, "intermediate_size": 768, "
                 "num_attention_heads": 4}
 SMALL_TEXT = {**TEXT_CONFIG, "hidden_size": 384, "intermediate_size": 1152, "num_hidden_layers": 4,
               "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64}
-SMALL_VERSION = 4
+SMALL_VERSION = 5  # 5: unlabelled images in the chat template (pipeline/tiny_model.py)
 
 # "internvl3_5-8b": the shapes of InternVL3.5-8B (InternViT-300M + Qwen3-8B), random weights in
 # bfloat16, for GPU runs. About 17 GB on disk; generating it takes about as much RAM.
@@ -22,7 +22,7 @@ VIT_300M = {**VISION_CONFIG, "hidden_size": 1024, "intermediate_size": 4096, "nu
             "num_attention_heads": 16}
 QWEN3_8B = {**TEXT_CONFIG, "hidden_size": 4096, "intermediate_size": 12288, "num_hidden_layers": 36,
             "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 128, "max_position_embeddings": 40960}
-EIGHT_B_VERSION = 1
+EIGHT_B_VERSION = 2  # 2: unlabelled images in the chat template
 
 # name -> (cache directory, vision config, text config, weight dtype)
 RANDOM_MODELS = {

@@ -4,8 +4,13 @@
     <|im_start|>user\n{parts}<|im_end|>\n ... <|im_start|>assistant\n
 
 An image becomes `<img>` + N x `<IMG_CONTEXT>` + `</img>` + "\n", with N the feature rows the
-vision server reported; images are numbered "Image-k: " when a conversation has several.
-A video becomes one "Frame{i}: <img>...</img>\n" line per sampled frame.
+vision server reported, unlabelled, as the checkpoints' HF chat templates write it (labels such
+as "Image-1: " are the user's to write). A video becomes one "Frame{i}: <img>...</img>\n" line
+per sampled frame.
+
+The default system prompt is the checkpoint's: InternVL3 templates open a conversation that has
+none with their own system turn, InternVL3.5 templates add none (`template_system_prompt`).
+`template_mismatch` compares this layout with the checkpoint's template on text-only probes.
 
 Text runs between special tokens are tokenized separately, exactly as a tokenizer splits a
 rendered template at its special tokens, but with special-token strings inside user text
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 from language_server.request import ChatMessage, ImagePart, TextPart, VideoPart
 
@@ -41,9 +47,10 @@ class Prompt:
 class PromptBuilder:
     """Renders chat messages and media layouts into token ids."""
 
-    def __init__(self, tokenizer, system_prompt: str = "") -> None:
+    def __init__(self, tokenizer, system_prompt: str | None = None) -> None:
+        """`system_prompt`: None = the chat template's default (none if it has none), "" = none."""
         self.tokenizer = tokenizer
-        self.system_prompt = system_prompt
+        self.system_prompt = template_system_prompt(tokenizer) if system_prompt is None else system_prompt
         ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<img>", "</img>", "<IMG_CONTEXT>")}
         missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
         if missing:
@@ -62,19 +69,14 @@ class PromptBuilder:
         """Token ids of the conversation followed by the assistant's turn opener."""
         if self.system_prompt and messages[0].role != "system":
             messages = (ChatMessage("system", (TextPart(self.system_prompt),)), *messages)
-        image_count = sum(isinstance(p, ImagePart) for m in messages for p in m.parts)
         pieces: list[str | list[int]] = []
         media = iter(layouts)
-        image_index = 0
         for message in messages:
             pieces += [[self.im_start], f"{message.role}\n"]
             for part in message.parts:
                 if isinstance(part, TextPart):
                     pieces.append(part.text)
                 elif isinstance(part, ImagePart):
-                    image_index += 1
-                    if image_count > 1:
-                        pieces.append(f"Image-{image_index}: ")
                     pieces += [self._image_block(next(media).rows), "\n"]
                 elif isinstance(part, VideoPart):
                     pieces += self._video_lines(next(media))
@@ -111,3 +113,52 @@ class PromptBuilder:
         if not text:
             return []
         return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+SYSTEM_OPENER = "<|im_start|>system\n"
+_PROBE_USER = "Hello, who are you?"
+_PROBE_TURNS = (("system", "Answer briefly."), ("user", "Hi!"), ("assistant", "Hello."), ("user", _PROBE_USER))
+
+
+def render_template(tokenizer, turns: tuple[tuple[str, str], ...]) -> str | None:
+    """The tokenizer's chat template rendered for text-only (role, text) turns with the assistant's
+    opener; None when it has no template or cannot render them (as strings or as text parts)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    as_strings: list[dict[str, Any]] = [{"role": r, "content": t} for r, t in turns]
+    as_parts: list[dict[str, Any]] = [{"role": r, "content": [{"type": "text", "text": t}]} for r, t in turns]
+    for conversation in (as_strings, as_parts):
+        try:
+            return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        except Exception:  # a template may reject one content shape (or raise on anything)
+            continue
+    return None
+
+
+def template_system_prompt(tokenizer) -> str:
+    """The system prompt the chat template puts before a conversation that has none ("" if none)."""
+    text = render_template(tokenizer, (("user", _PROBE_USER),))
+    if text is None or not text.startswith(SYSTEM_OPENER):
+        return ""
+    end = text.find("<|im_end|>", len(SYSTEM_OPENER))
+    return text[len(SYSTEM_OPENER) : end] if end >= 0 else ""
+
+
+def template_mismatch(builder: PromptBuilder) -> str | None:
+    """Why `builder`'s prompts differ from the tokenizer's chat template on text-only probe
+    conversations (None when they agree or the checkpoint has no template)."""
+    tokenizer = builder.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    probes = [_PROBE_TURNS]
+    if builder.system_prompt == template_system_prompt(tokenizer):
+        probes.append((("user", _PROBE_USER),))  # the default system turn too, unless configured away
+    for turns in probes:
+        rendered = render_template(tokenizer, turns)
+        if rendered is None:
+            return "the chat template cannot render a text-only conversation"
+        messages = tuple(ChatMessage(role, (TextPart(text),)) for role, text in turns)
+        ours = builder.build(messages, []).token_ids
+        if ours != tokenizer(rendered, add_special_tokens=False)["input_ids"]:
+            return f"the chat template renders {rendered!r}, DvD {tokenizer.decode(ours)!r}"
+    return None

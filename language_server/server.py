@@ -18,7 +18,7 @@ from language_server.engine.async_engine import AsyncEngine
 from language_server.engine.engine import Engine
 from language_server.media import LocalVision, MediaStage, RemoteMedia
 from language_server.model import LanguageModel
-from language_server.prompt import PromptBuilder
+from language_server.prompt import PromptBuilder, template_mismatch
 from language_server.vision_client import VisionClient
 from pipeline.checkpoint import Checkpoint, CheckpointError, open_model
 from pipeline.config import DvDConfig
@@ -82,6 +82,12 @@ async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVisio
     pipeline = Pipeline.create(lc.max_pending_requests, lc.max_vision_requests, lc.max_llm_requests)
     prompts = PromptBuilder(tokenizer, lc.system_prompt)
     _ = prompts.max_chars_per_token  # scans the vocabulary once, before any request waits on it
+    mismatch = template_mismatch(prompts)
+    if mismatch is not None:
+        log.warning(
+            "prompts follow the internvl2_5 layout, which differs from this checkpoint's chat template",
+            extra={"difference": mismatch, "checkpoint": str(checkpoint.path)},
+        )
     vision: VisionClient | None = None
     if local_vision is None:
         vision = VisionClient(config, model.hidden_size)
@@ -104,7 +110,8 @@ async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVisio
     await server.start()
     await health.set("", SERVING)
     await health.set("dvd.v1.Generation", SERVING)
-    log.info(f"{role} server ready", extra={"address": address, "mode": config.mode})
+    ready = {"address": address, "mode": config.mode, "system_prompt": prompts.system_prompt}
+    log.info(f"{role} server ready", extra=ready)
     try:
         await stop.wait()
     finally:

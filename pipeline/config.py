@@ -147,7 +147,7 @@ class LanguageConfig:
     max_model_len: int = 8192
     default_max_new_tokens: int = 256
     max_new_tokens_limit: int = 4096
-    system_prompt: str = ""
+    system_prompt: str | None = None  # None = the checkpoint chat template's default; "" = none
     vision_timeout_s: float = 120.0
     request_timeout_s: float = 600.0
     max_request_bytes: int = 64 * 1024 * 1024

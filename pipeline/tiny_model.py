@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = 3
+TINY_VERSION = 4  # 4: unlabelled images in the chat template
 FORMATS = ("hf", "original", "flash")
 
 # Qwen2.5 special tokens from 151643 on, then InternVL's own (<img> = 151665 ...).
@@ -69,20 +69,15 @@ TEXT_CONFIG = {
     "pad_token_id": 151643,
 }
 
-# internvl2_5 (ChatML); images render as <IMG_CONTEXT> and are numbered when a conversation
-# has more than one; the processor expands each to <img> + 256 x tiles x <IMG_CONTEXT> + </img>.
+# The shape of the InternVL HF checkpoints' template (internvl2_5 ChatML): each image renders as an
+# unlabelled <IMG_CONTEXT> line, which the processor expands to <img> + 256 x tiles x <IMG_CONTEXT>
+# + </img>; like InternVL3.5's, it adds no default system turn.
 CHAT_TEMPLATE = (
-    "{%- set ns = namespace(images=0, index=0) -%}"
-    "{%- for message in messages -%}{%- if message['content'] is not string -%}"
-    "{%- for part in message['content'] -%}{%- if part['type'] == 'image' -%}"
-    "{%- set ns.images = ns.images + 1 -%}{%- endif -%}{%- endfor -%}{%- endif -%}{%- endfor -%}"
     "{%- for message in messages -%}"
     "{{- '<|im_start|>' + message['role'] + '\n' -}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}{%- else -%}"
     "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'image' -%}{%- set ns.index = ns.index + 1 -%}"
-    "{%- if ns.images > 1 -%}{{- 'Image-' + ns.index|string + ': ' -}}{%- endif -%}"
-    "{{- '<IMG_CONTEXT>\n' -}}"
+    "{%- if part['type'] == 'image' -%}{{- '<IMG_CONTEXT>\n' -}}"
     "{%- elif part['type'] == 'video' -%}{{- '<video>\n' -}}"
     "{%- elif part['type'] == 'text' -%}{{- part['text'] -}}{%- endif -%}"
     "{%- endfor -%}{%- endif -%}"

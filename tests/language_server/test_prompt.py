@@ -4,10 +4,31 @@ from __future__ import annotations
 
 import pytest
 
-from language_server.prompt import MediaLayout, PromptBuilder
+from language_server.prompt import MediaLayout, PromptBuilder, template_mismatch, template_system_prompt
 from language_server.request import ChatMessage, ImagePart, TextPart, VideoPart
 
 IMG = ImagePart(b"x", 12)
+
+INTERNVL3_SYSTEM = (
+    "你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合开发的多模态大语言模型。"
+)
+# The HF InternVL3 chat template's shape: a default system turn when there is none, unlabelled images.
+INTERNVL3_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\n" + INTERNVL3_SYSTEM + "<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}{{ '<IMG_CONTEXT>\n' }}"
+    "{% elif content['type'] == 'text' %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+HI = (ChatMessage("user", (TextPart("Hi"),)),)
+
+
+@pytest.fixture
+def internvl3_tokenizer(tokenizer, monkeypatch):
+    """The tiny tokenizer carrying an InternVL3-style chat template (restored after the test)."""
+    monkeypatch.setattr(tokenizer, "chat_template", INTERNVL3_TEMPLATE)
+    return tokenizer
 
 
 def _reference(tokenizer, messages: tuple[ChatMessage, ...], tiles: list[int]) -> list[int]:
@@ -31,7 +52,7 @@ def _reference(tokenizer, messages: tuple[ChatMessage, ...], tiles: list[int]) -
 CONVERSATIONS = {
     "text_only": ((ChatMessage("user", (TextPart("Hello there!"),)),), []),
     "one_image": ((ChatMessage("user", (IMG, TextPart("What is this?"))),), [7]),
-    "two_images_numbered": ((ChatMessage("user", (IMG, IMG, TextPart("Compare."))),), [1, 3]),
+    "two_images": ((ChatMessage("user", (IMG, IMG, TextPart("Compare."))),), [1, 3]),
     "system_and_turns": (
         (
             ChatMessage("system", (TextPart("You are terse."),)),
@@ -67,11 +88,62 @@ def test_video_frames_are_numbered_lines(tokenizer):
     assert "Frame1: <img><IMG_CONTEXT></img>\nFrame2: <img><IMG_CONTEXT></img>\nFrame3: <img><IMG_CONTEXT></img>\n" in text
 
 
-def test_default_system_prompt_is_prepended(tokenizer):
-    messages = (ChatMessage("user", (TextPart("Hi"),)),)
-    with_system = PromptBuilder(tokenizer, system_prompt="Be kind.").build(messages, [])
-    expected = _reference(tokenizer, (ChatMessage("system", (TextPart("Be kind."),)), *messages), [])
+def test_configured_system_prompt_is_prepended(tokenizer):
+    with_system = PromptBuilder(tokenizer, system_prompt="Be kind.").build(HI, [])
+    expected = _reference(tokenizer, (ChatMessage("system", (TextPart("Be kind."),)), *HI), [])
     assert with_system.token_ids == expected
+
+
+def test_images_are_not_labelled(internvl3_tokenizer):
+    messages, tiles = CONVERSATIONS["two_images"]
+    prompt = PromptBuilder(internvl3_tokenizer).build(messages, [MediaLayout((256,) * n) for n in tiles])
+    text = internvl3_tokenizer.decode(prompt.token_ids).replace("<IMG_CONTEXT>" * 256, "<IMG_CONTEXT>")
+    assert "Image-" not in text
+    assert "user\n<img><IMG_CONTEXT></img>\n<img><IMG_CONTEXT><IMG_CONTEXT><IMG_CONTEXT></img>\nCompare." in text
+    assert prompt.token_ids == _reference(internvl3_tokenizer, messages, tiles)
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_default_system_prompt_is_the_chat_templates(internvl3_tokenizer, name):
+    """InternVL3 templates add their own system turn to a conversation without one: so does DvD."""
+    messages, tiles = CONVERSATIONS[name]
+    assert template_system_prompt(internvl3_tokenizer) == INTERNVL3_SYSTEM
+    prompt = PromptBuilder(internvl3_tokenizer).build(messages, [MediaLayout((256,) * n) for n in tiles])
+    assert prompt.token_ids == _reference(internvl3_tokenizer, messages, tiles)
+    if messages[0].role != "system":
+        text = internvl3_tokenizer.decode(prompt.token_ids)
+        assert text.startswith(f"<|im_start|>system\n{INTERNVL3_SYSTEM}<|im_end|>\n<|im_start|>user\n")
+    assert template_mismatch(PromptBuilder(internvl3_tokenizer)) is None
+
+
+def test_system_prompt_none_empty_or_explicit(internvl3_tokenizer):
+    """None: the template's default; "": never one; a string: that one (each unless the request has one)."""
+    def first_turn(builder: PromptBuilder, messages=HI) -> str:
+        return builder.tokenizer.decode(builder.build(messages, []).token_ids).split("<|im_end|>")[0]
+
+    assert first_turn(PromptBuilder(internvl3_tokenizer, None)) == f"<|im_start|>system\n{INTERNVL3_SYSTEM}"
+    assert first_turn(PromptBuilder(internvl3_tokenizer, "")) == "<|im_start|>user\nHi"
+    assert first_turn(PromptBuilder(internvl3_tokenizer, "Be kind.")) == "<|im_start|>system\nBe kind."
+    own = (ChatMessage("system", (TextPart("Mine."),)), *HI)
+    assert first_turn(PromptBuilder(internvl3_tokenizer, None), own) == "<|im_start|>system\nMine."
+
+
+def test_no_template_default_without_a_system_turn_or_a_template(tokenizer, monkeypatch):
+    assert template_system_prompt(tokenizer) == ""  # the tiny model's template is InternVL3.5's: none
+    assert PromptBuilder(tokenizer).system_prompt == ""
+    monkeypatch.setattr(tokenizer, "chat_template", None)
+    assert template_system_prompt(tokenizer) == ""
+    expected = tokenizer("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    assert PromptBuilder(tokenizer).build(HI, []).token_ids == expected
+    assert template_mismatch(PromptBuilder(tokenizer)) is None
+
+
+def test_a_template_with_another_layout_is_reported(tokenizer, monkeypatch):
+    assert template_mismatch(PromptBuilder(tokenizer)) is None
+    other_layout = INTERNVL3_TEMPLATE.replace("message['role'] + '\n'", "message['role'] + ':\n'")
+    assert other_layout != INTERNVL3_TEMPLATE
+    monkeypatch.setattr(tokenizer, "chat_template", other_layout)
+    assert "the chat template renders" in template_mismatch(PromptBuilder(tokenizer, ""))
 
 
 def test_user_text_cannot_forge_special_tokens(tokenizer):
