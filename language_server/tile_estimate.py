@@ -12,21 +12,16 @@ import io
 
 from PIL import Image
 
-from pipeline.tiling import most_tiles, tile_count
-
-_ROTATED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
-_EXIF_ORIENTATION = 0x0112
+from pipeline.tiling import most_tiles, tile_count, upright_size
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
     """(width, height) as the image will be shown upright, or None when the header is unreadable."""
     try:
         with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-            orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if image.format == "JPEG" else 1
+            return upright_size(image)
     except Exception:  # noqa: BLE001 - unreadable here; the vision server reports why
         return None
-    return (height, width) if orientation in _ROTATED else (width, height)
 
 
 def image_tiles(data: bytes, min_tiles: int, max_tiles: int, use_thumbnail: bool) -> int | None:

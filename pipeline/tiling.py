@@ -1,7 +1,35 @@
 """InternVL's dynamic tiling rule, shared by the vision server (to cut tiles) and the language
-server (to estimate tiles from an image header without decoding it)."""
+server (to estimate tiles from an image header without decoding it), and the upright size of an
+opened image that both feed it."""
 
 from __future__ import annotations
+
+from PIL import Image
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def upright_size(image: Image.Image) -> tuple[int, int]:
+    """(width, height) of an opened image once its EXIF orientation is applied, read from the
+    header only: no pixel is decoded, whatever the format.
+
+    PNG's getexif() decodes the whole image when the header has no eXIf chunk, so for PNG only
+    the eXIf chunk read with the header counts (Pillow and common writers put it before the
+    pixels). A broken EXIF block counts as no rotation; decoding reports or ignores it.
+    """
+    width, height = image.size
+    try:
+        if image.format == "PNG":
+            exif = Image.Exif()
+            if raw := image.info.get("exif"):
+                exif.load(raw)
+        else:
+            exif = image.getexif()
+        orientation = exif.get(_EXIF_ORIENTATION)
+    except Exception:  # noqa: BLE001 - Pillow reports bad EXIF blocks with many exception types
+        orientation = None
+    return (height, width) if orientation in _TRANSPOSED else (width, height)
 
 
 def find_grid(width: int, height: int, min_tiles: int, max_tiles: int, tile_size: int = 448) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin
 
 from pipeline.config import ImageLimits
 
-from pipeline.tiling import find_grid
+from pipeline.tiling import find_grid, upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -72,16 +72,7 @@ def image_size(data: bytes, limits: ImageLimits) -> tuple[int, int]:
     """(width, height) of the upright image, read from the header only; checks `limits` as
     decode_image does, without decoding any pixel."""
     image, _ = _open(data, limits)
-    width, height = image.size
-    try:
-        orientation = image.getexif().get(_EXIF_ORIENTATION)
-    except Exception:  # a broken EXIF block is decode_image's to report (or ignore)
-        orientation = None
-    return (height, width) if orientation in _TRANSPOSED else (width, height)
-
-
-_EXIF_ORIENTATION = 0x0112
-_TRANSPOSED = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+    return upright_size(image)
 
 
 def _open(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
@@ -199,7 +190,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
 
 
 def _sixteen_bit_to_8bit(image: Image.Image) -> Image.Image:
-    """Scale 16-bit grayscale to 8 bits (65535 -> 255); PIL's own convert would clip at 255."""
+    """Scale 16-bit grayscale to 8 bits (65535 -> 255). A deliberate departure from the reference:
+    transformers and InternVL's convert('RGB') clip at 255, turning nearly every level white."""
     raw = np.asarray(image).astype(np.int64)
     gray = Image.fromarray(np.rint(np.clip(raw, 0, 65535) / 257).astype(np.uint8))
     key = image.info.get("transparency")

@@ -197,6 +197,8 @@ def test_animated_webp_first_frame():
 
 
 def test_16bit_png_is_scaled_not_clipped():
+    """Deliberately unlike transformers and InternVL's convert('RGB'), which clip 16-bit levels at
+    255 (nearly white): DvD keeps the picture by scaling 65535 to 255."""
     gradient = np.linspace(0, 65535, 256).round().astype(np.uint16)[None, :].repeat(8, axis=0)
     payload = encode(Image.fromarray(gradient), "PNG")
     assert Image.open(io.BytesIO(payload)).mode.startswith("I")

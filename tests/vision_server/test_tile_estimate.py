@@ -7,10 +7,10 @@ import io
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from language_server.request import GenerationRequest
-from language_server.tile_estimate import image_tiles, video_tiles
+from language_server.tile_estimate import image_size as estimated_size, image_tiles, video_tiles
 from pipeline.tiling import tile_count
 from language_server.vision_client import estimate_tiles
 from pipeline.client import image, message, video
@@ -20,6 +20,7 @@ from pipeline.wire import VisionJob
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import TINY_CONFIG, photo_bytes
 from vision_server.preprocess import TilingParams, decode_image, find_grid, tile_image
+from vision_server.preprocess import image_size as vision_image_size
 
 
 def encoded(width: int, height: int, fmt: str = "PNG", **options) -> bytes:
@@ -47,12 +48,36 @@ def test_header_estimate_equals_the_tiles_made(name, max_tiles):
     assert image_tiles(data, 1, max_tiles, use_thumbnail=True) == made
 
 
-def test_exif_rotation_is_honoured():
+@pytest.mark.parametrize("orientation", [6, 8])
+@pytest.mark.parametrize(("fmt", "options"), [("PNG", {}), ("WEBP", {"lossless": True}), ("JPEG", {})])
+def test_exif_rotation_is_honoured_in_every_format(fmt, options, orientation):
     exif = Image.Exif()
-    exif[0x0112] = 6  # rotate: the upright image is 300 x 1200
-    data = encoded(1200, 300, "JPEG", exif=exif.tobytes())
+    exif[0x0112] = orientation  # stored 1050 x 300, shown upright as 300 x 1050
+    data = encoded(1050, 300, fmt, exif=exif.tobytes(), **options)
     made = len(tile_image(decode_image(data, ImageLimits()), TilingParams()))
-    assert image_tiles(data, 1, 12, use_thumbnail=True) == made == 5  # a 1x4 grid plus the thumbnail
+    assert image_tiles(data, 1, 12, use_thumbnail=True) == made == 5  # a 1x4 grid and the thumbnail
+    assert tile_count(1050, 300, 1, 12, use_thumbnail=True) == 4  # what ignoring the rotation gives
+    assert vision_image_size(data, ImageLimits()) == estimated_size(data) == (300, 1050)
+
+
+def test_reading_the_upright_size_of_a_png_decodes_no_pixel(monkeypatch):
+    """PngImageFile.getexif() decodes the image when its header has no eXIf chunk; the size
+    readers on both sides must not."""
+    loads = []
+    original = PngImagePlugin.PngImageFile.load
+
+    def counting_load(self):
+        loads.append(self.size)
+        return original(self)
+
+    monkeypatch.setattr(PngImagePlugin.PngImageFile, "load", counting_load)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    for data, size in ((encoded(640, 480), (640, 480)), (encoded(640, 480, exif=exif.tobytes()), (480, 640))):
+        assert vision_image_size(data, ImageLimits()) == estimated_size(data) == size
+    assert loads == []
+    decode_image(encoded(64, 48), ImageLimits())
+    assert loads and set(loads) == {(64, 48)}  # the counter does see a decode
 
 
 def test_job_estimates_fall_back_to_the_largest_grid():
