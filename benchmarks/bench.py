@@ -48,6 +48,7 @@ from benchmarks.report import RESULTS, Progress, write_json
 from benchmarks.workloads import PROMPT, Workload, workloads
 from pipeline.client import message
 from pipeline.config import VisionConfig
+from pipeline.errors import DvDError
 from pipeline.launch import Deployment
 from proto.dvd.v1 import generate_pb2 as pb
 
@@ -146,9 +147,13 @@ def _vision_only(deployment: Deployment, workload: Workload, total: int, concurr
                 job = VisionJob(job_id=new_job_id(), request_id=f"v{index}", kind="image",
                                 data=workload.images[index % len(workload.images)], reply_to="",
                                 max_tiles=config.images.max_tiles)
-                features = await client.encode(job)
-                features.release()
-                record.first_token = record.done = time.perf_counter()
+                try:
+                    features = await client.encode(job)
+                except DvDError as exc:  # counted like a failed request of the other setups
+                    record.error = f"{type(exc).__name__}: {exc}"
+                else:
+                    features.release()
+                    record.first_token = record.done = time.perf_counter()
                 done += 1
                 progress(done)
 
@@ -196,6 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     args.rate_size = args.rate_size or sizes[len(sizes) // 2]
     if args.rate_size not in sizes:
         parser.error(f"--rate-size {args.rate_size} is not one of --sizes {args.sizes}")
+    try:
+        fractions = [float(f) for f in args.rate_fractions.split(",")]
+    except ValueError:
+        fractions = []
+    if not fractions or not all(f > 0 for f in fractions):
+        parser.error(f"--rate-fractions must be numbers > 0, got {args.rate_fractions!r}")
 
     started = time.perf_counter()
     model_path = bench_model(args.model)
@@ -221,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"starting {setup.name} ({setup.mode}, vision {setup.vision_threads} + llm {setup.llm_threads} threads"
                   f"{'' if setup.llm_device == 'cpu' else f'; vision on {setup.vision_device}, llm on {setup.llm_device}'})")
             deployments[setup.name] = Deployment(BASE_CONFIG, overrides, log_dir=log_dir / setup.name).start(600)
-            _warm(deployments[setup.name], loads[0], 2)
+            for workload in loads:  # every setup meets every image size before it is measured
+                _warm(deployments[setup.name], workload, 2)
 
         tokenizer = _tokenizer(model_path)
         texts = {w.name: _text_twin(w, _prompt_tokens(deployments["dvd"], w), tokenizer) for w in loads}
@@ -257,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
         colocated_rate = closed[("colocated-b", rate_load.name)]["request_throughput"]
         dvd_rate = closed[("dvd", rate_load.name)]["request_throughput"]
         capacity = (colocated_rate + dvd_rate) / 2
-        for fraction in (float(f) for f in args.rate_fractions.split(",")):
+        if not capacity > 0:
+            print("no fixed-rate runs: neither DvD nor colocated (b) completed a request in the closed loop")
+        for fraction in fractions if capacity > 0 else []:
             rate = fraction * capacity
             for setup in setups:
                 result = _run(deployments[setup.name], rate_load, args.requests, f"{setup.name} @{rate:.2f} req/s",

@@ -19,7 +19,8 @@ def efficiency(closed: dict, workload: str) -> dict[str, Any]:
     for kind, key in (("", "request_throughput"), ("steady_", "steady_request_throughput")):
         dvd, vision, llm = (closed[(setup, workload)][key] for setup in ("dvd", "vision-only", "llm-only"))
         row |= {f"{kind}dvd_req_s": dvd, f"{kind}vision_only_req_s": vision, f"{kind}llm_only_req_s": llm,
-                f"{kind}pipeline_efficiency": dvd / min(vision, llm)}
+                f"{kind}pipeline_efficiency": _ratio(dvd, min(vision, llm))}
+    row["errors"] = sum(closed[(setup, workload)]["errors"] for setup in ("dvd", "vision-only", "llm-only"))
     return row
 
 
@@ -35,15 +36,21 @@ def ratios(closed: dict, workloads: list[str]) -> list[dict[str, Any]]:
                 "comparison": label,
                 "dvd_req_s": dvd["request_throughput"],
                 "colocated_req_s": base["request_throughput"],
-                "throughput_ratio": dvd["request_throughput"] / base["request_throughput"],
-                "steady_throughput_ratio": dvd["steady_request_throughput"] / base["steady_request_throughput"],
+                "errors": dvd["errors"] + base["errors"],
+                "throughput_ratio": _ratio(dvd["request_throughput"], base["request_throughput"]),
+                "steady_throughput_ratio": _ratio(dvd["steady_request_throughput"], base["steady_request_throughput"]),
                 "dvd_ttft_p99_s": dvd["ttft_p99_s"],
                 "colocated_ttft_p99_s": base["ttft_p99_s"],
-                "ttft_p99_ratio": dvd["ttft_p99_s"] / base["ttft_p99_s"],
+                "ttft_p99_ratio": _ratio(dvd["ttft_p99_s"], base["ttft_p99_s"]),
                 "dvd_ttft_p99_after_first_wave_s": dvd["ttft_p99_after_first_wave_s"],
                 "colocated_ttft_p99_after_first_wave_s": base["ttft_p99_after_first_wave_s"],
             })
     return rows
+
+
+def _ratio(a: float, b: float) -> float:
+    """a / b; NaN when b is 0 (a setup that completed nothing), so the report is still written."""
+    return a / b if b else float("nan")
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -58,7 +65,7 @@ def markdown(report: dict[str, Any]) -> str:
     )
     ratio_table = markdown_table(
         report["ratios"],
-        [("workload", "images"), ("comparison", "comparison"), ("dvd_req_s", "DvD req/s"),
+        [("workload", "images"), ("comparison", "comparison"), ("errors", "errors"), ("dvd_req_s", "DvD req/s"),
          ("colocated_req_s", "colocated req/s"), ("throughput_ratio", "DvD/colocated"),
          ("steady_throughput_ratio", "steady state DvD/colocated"),
          ("dvd_ttft_p99_s", "DvD TTFT p99"), ("colocated_ttft_p99_s", "colocated TTFT p99"),
@@ -67,14 +74,15 @@ def markdown(report: dict[str, Any]) -> str:
     )
     efficiency_table = markdown_table(
         report["efficiency"],
-        [("workload", "images"), ("dvd_req_s", "DvD req/s"), ("vision_only_req_s", "vision-only req/s"),
+        [("workload", "images"), ("errors", "errors"), ("dvd_req_s", "DvD req/s"),
+         ("vision_only_req_s", "vision-only req/s"),
          ("llm_only_req_s", "LLM-only req/s"), ("pipeline_efficiency", "efficiency"),
          ("steady_dvd_req_s", "steady DvD req/s"), ("steady_vision_only_req_s", "steady vision-only req/s"),
          ("steady_llm_only_req_s", "steady LLM-only req/s"), ("steady_pipeline_efficiency", "steady efficiency")],
     )
     fixed_rate = markdown_table(
         _rate_rows(report["runs"]),
-        [("load", "load"), ("rate_fraction", "of capacity"), ("dvd_ttft_p50_s", "DvD TTFT p50"),
+        [("load", "load"), ("rate_fraction", "of capacity"), ("errors", "errors"), ("dvd_ttft_p50_s", "DvD TTFT p50"),
          ("dvd_ttft_p99_s", "DvD TTFT p99"), ("colocated-b_ttft_p50_s", "(b) TTFT p50"),
          ("colocated-b_ttft_p99_s", "(b) TTFT p99"), ("colocated-a_ttft_p99_s", "(a) TTFT p99"),
          ("dvd_e2e_p99_s", "DvD e2e p99"), ("colocated-b_e2e_p99_s", "(b) e2e p99")],
@@ -85,7 +93,11 @@ def markdown(report: dict[str, Any]) -> str:
         [("setup", "setup"), ("load", "load"), ("ttft_mean_s", "TTFT (client)"),
          *((f"{span}_mean_s", span.replace("_", " ")) for span in SPANS)],
     )
-    return (f"## Runs\n\n{runs}\n\n## DvD vs colocated (closed loop)\n\n{ratio_table}\n\n"
+    counts = sorted({run["requests"] // run["runs"] for run in report["runs"]})
+    sample_note = (f"Percentiles are over every completed request of a run ({', '.join(map(str, counts))} per run; "
+                   "errors counts the failed ones, which the percentiles leave out): with fewer than 100 "
+                   "requests, p99 is close to the slowest one.")
+    return (f"## Runs\n\n{runs}\n\n{sample_note}\n\n## DvD vs colocated (closed loop)\n\n{ratio_table}\n\n"
             f"## Fixed arrival rate (capacity = mean of DvD's and (b)'s closed-loop req/s)\n\n{fixed_rate}\n\n"
             f"## Pipeline efficiency\n\n{efficiency_table}\n\n"
             f"## Where the time goes at {report['args']['rate_size']} (mean seconds per request, server-side "
@@ -98,7 +110,9 @@ def _rate_rows(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for run in runs:
         if "rate_fraction" not in run:
             continue
-        row = rows.setdefault(run["rate_fraction"], {"load": run["load"], "rate_fraction": run["rate_fraction"]})
+        row = rows.setdefault(run["rate_fraction"],
+                              {"load": run["load"], "rate_fraction": run["rate_fraction"], "errors": 0})
+        row["errors"] += run["errors"]
         for key in ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s"):
             row[f"{run['setup']}_{key}"] = run[key]
     return list(rows.values())

@@ -148,6 +148,8 @@ async def run_load(
     """Send `total` requests: `concurrency` closed-loop workers, or Poisson arrivals at `rate` req/s."""
     if (concurrency is None) == (rate is None):
         raise ValueError("give exactly one of concurrency and rate")
+    if (rate is not None and not rate > 0) or (concurrency is not None and concurrency < 1):
+        raise ValueError(f"the rate must be > 0 and the concurrency >= 1, got rate={rate} concurrency={concurrency}")
     result = LoadResult(first_wave=concurrency or 0)
     options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
     async with grpc.aio.insecure_channel(address, options=options) as channel:
@@ -155,9 +157,9 @@ async def run_load(
         counter = iter(range(total))
         done_count = 0
 
-        async def send(index: int) -> None:
+        async def send(index: int, arrival: float | None = None) -> None:
             nonlocal done_count
-            record = RequestRecord(sent=time.perf_counter())
+            record = RequestRecord(sent=time.perf_counter() if arrival is None else arrival)
             result.records.append(record)
             await _one(stub, make_request(index), record, timeout_s)
             done_count += 1
@@ -180,7 +182,7 @@ async def run_load(
                 delay = next_at - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(send(index)))
+                tasks.append(asyncio.create_task(send(index, arrival=next_at)))  # a late start still counts
                 next_at += rng.expovariate(rate)
             await asyncio.gather(*tasks)
         result.finished = time.perf_counter()

@@ -67,3 +67,11 @@ def test_bench_refuses_a_rate_size_it_does_not_run(capsys) -> None:
         bench.main(["--sizes", "448px", "--rate-size", "896px"])
     assert stop.value.code == 2
     assert "--rate-size 896px is not one of --sizes 448px" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fractions", ["0", "0.5,-1", "fast"])
+def test_bench_refuses_rate_fractions_that_are_not_positive(fractions, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--rate-fractions", fractions])
+    assert stop.value.code == 2
+    assert "--rate-fractions must be numbers > 0" in capsys.readouterr().err

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 from benchmarks import comparison
 
 
-def summary(req_s: float, steady_req_s: float, ttft_p99: float = 1.0, after_first_wave: float = 0.5) -> dict:
+def summary(req_s: float, steady_req_s: float, ttft_p99: float = 1.0, after_first_wave: float = 0.5,
+            errors: int = 0) -> dict:
     return {
+        "errors": errors,
         "request_throughput": req_s,
         "steady_request_throughput": steady_req_s,
         "ttft_p99_s": ttft_p99,
@@ -40,8 +44,8 @@ def test_efficiency_divides_by_the_slower_stage_of_each_kind() -> None:
 
 def test_markdown_pairs_fixed_rate_runs_by_their_fraction() -> None:
     runs = [
-        {"setup": setup, "workload": "896px", "load": f"rate-{rate}", "rate_fraction": fraction,
-         "ttft_p50_s": p50, "ttft_p99_s": p99, "e2e_p99_s": 9.0}
+        {"setup": setup, "workload": "896px", "load": f"rate-{rate}", "rate_fraction": fraction, "runs": 1,
+         "requests": 48, "errors": int(setup == "colocated-a"), "ttft_p50_s": p50, "ttft_p99_s": p99, "e2e_p99_s": 9.0}
         for fraction, rate in ((0.5, 0.7), (1.0, 1.4))
         for setup, p50, p99 in (("dvd", 1.25, 2.5 * fraction), ("colocated-b", 1.5, 3.5 * fraction),
                                 ("colocated-a", 2.0, 7.5))
@@ -49,6 +53,16 @@ def test_markdown_pairs_fixed_rate_runs_by_their_fraction() -> None:
     report = {"runs": runs, "ratios": comparison.ratios(CLOSED, ["896px"]),
               "efficiency": [comparison.efficiency(CLOSED, "896px")], "args": {"rate_size": "896px"}}
     text = comparison.markdown(report)
-    assert "| rate-0.7 | 0.5 | 1.25 | 1.25 | 1.5 | 1.75 | 7.5 | 9 | 9 |" in text
-    assert "| rate-1.4 | 1 | 1.25 | 2.5 | 1.5 | 3.5 | 7.5 | 9 | 9 |" in text
-    assert "| 896px | (b) equal total threads | 1.5 | 1.2 | 1.25 | 0.8 |" in text
+    assert "| rate-0.7 | 0.5 | 1 | 1.25 | 1.25 | 1.5 | 1.75 | 7.5 | 9 | 9 |" in text
+    assert "| rate-1.4 | 1 | 1 | 1.25 | 2.5 | 1.5 | 3.5 | 7.5 | 9 | 9 |" in text
+    assert "| 896px | (b) equal total threads | 0 | 1.5 | 1.2 | 1.25 | 0.8 |" in text
+    assert "(48 per run;" in text
+
+
+def test_a_setup_that_completed_nothing_gives_nan_ratios_and_counts_its_errors() -> None:
+    closed = {**CLOSED, ("colocated-b", "896px"): summary(0.0, float("nan"), errors=48),
+              ("llm-only", "896px"): summary(0.0, 0.0, errors=48)}
+    _, b = comparison.ratios(closed, ["896px"])
+    assert math.isnan(b["throughput_ratio"]) and b["errors"] == 48
+    row = comparison.efficiency(closed, "896px")
+    assert math.isnan(row["pipeline_efficiency"]) and row["errors"] == 48

@@ -56,3 +56,33 @@ def test_span_means_come_from_the_final_responses_timings() -> None:
 def test_span_means_are_undefined_without_timings() -> None:
     summary = summarize([closed_loop([1.0, 2.0], concurrency=1)])
     assert math.isnan(summary["prefill_mean_s"])
+
+
+def test_run_load_refuses_a_rate_or_concurrency_that_sends_nothing() -> None:
+    import asyncio
+
+    import pytest
+
+    from benchmarks.load import run_load
+
+    for load in ({"rate": 0.0}, {"concurrency": 0}):
+        with pytest.raises(ValueError, match="rate must be > 0"):
+            asyncio.run(run_load("127.0.0.1:9", lambda i: None, 1, **load))
+
+
+def test_fixed_rate_requests_are_timed_from_their_scheduled_arrival() -> None:
+    """Open loop: a request's clock starts at its Poisson arrival, even if the client starts it late."""
+    import asyncio
+    import math
+    import random
+
+    from benchmarks.load import run_load
+
+    from proto.dvd.v1 import generate_pb2 as pb
+
+    result = asyncio.run(run_load("127.0.0.1:9", lambda i: pb.GenerateRequest(), 5, rate=1000.0, seed=3, timeout_s=10))
+    rng = random.Random(3)
+    gaps = [rng.expovariate(1000.0) for _ in range(4)]
+    sent = [r.sent for r in result.records]
+    assert all(math.isclose(b - a, gap, abs_tol=1e-9) for a, b, gap in zip(sent, sent[1:], gaps))
+    assert all(r.error for r in result.records)  # nothing listens on the discard port
