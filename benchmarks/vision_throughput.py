@@ -2,9 +2,10 @@
 
     python -m benchmarks.vision_throughput [--jobs 64] [--concurrency 8] [--dtype float32] [--vir]
 
-Throughput: a real vision server process is started twice on the tiny model, once with
-`max_batch_tiles: 1` (batching off: one tile per ViT forward) and once with the configured
-batching (`max_batch_tiles: 64`, `max_wait_ms: 5`). A closed-loop client keeps
+Throughput: two real vision server processes run on the tiny model, one with
+`max_batch_tiles: 1` (batching off: one tile per ViT forward) and one with the configured
+batching (`max_batch_tiles: 64`, `max_wait_ms: 5`), measured in alternation over `--repeats`
+rounds (median and range). A closed-loop client keeps
 `--concurrency` image jobs in flight (photos at 448, 896 and 1344 px: 1, 5 and 10 tiles) and
 counts tiles answered per second, decoding and tiling included; the feature cache is off.
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import socket
+import statistics
 import sys
 import tempfile
 import time
@@ -111,27 +113,46 @@ def drive(job_port: int, data: list[bytes], jobs: int, concurrency: int) -> tupl
         receiver.close()
 
 
+MODES = (("off (ViT forwards of 1 tile)", {"vision.max_batch_tiles": 1}),
+         ("on (max_batch_tiles 64, max_wait_ms 5)", {"vision.max_batch_tiles": 64}))
+
+
 def throughput(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
+    """Both modes' servers run side by side (only one is driven at a time); the modes alternate
+    over `--repeats` rounds, so that a slow spell of a shared machine falls on both."""
     data = images()
     common = {"vision.dtype": args.dtype, "vision.feature_cache_bytes": 0, "vision.threads": args.threads}
-    rows = []
-    for label, batching in (("off (ViT forwards of 1 tile)", {"vision.max_batch_tiles": 1}),
-                            ("on (max_batch_tiles 64, max_wait_ms 5)", {"vision.max_batch_tiles": 64})):
-        server, job_port, metrics_port = start_vision({**common, **batching}, log_dir)
-        try:
+    servers: list[tuple[ServerProcess, int, int]] = []
+    measured: list[list[dict[str, float]]] = [[] for _ in MODES]
+    try:
+        for _, batching in MODES:
+            servers.append(start_vision({**common, **batching}, log_dir))
+        for _, job_port, _ in servers:
             drive(job_port, data, min(8, args.jobs), args.concurrency)  # warm-up
-            before = scrape(metrics_port)
-            tiles, seconds = drive(job_port, data, args.jobs, args.concurrency)
-            after = scrape(metrics_port)
-        finally:
+        for _ in range(args.repeats):
+            for runs, (_, job_port, metrics_port) in zip(measured, servers):
+                before = scrape(metrics_port)
+                tiles, seconds = drive(job_port, data, args.jobs, args.concurrency)
+                after = scrape(metrics_port)
+                runs.append({"tiles": tiles, "seconds": seconds,
+                             "batches": after["dvd_vision_batch_tiles_count"] - before["dvd_vision_batch_tiles_count"],
+                             "batch_tiles": after["dvd_vision_batch_tiles_sum"] - before["dvd_vision_batch_tiles_sum"]})
+    finally:
+        for server, _, _ in servers:
             server.stop(15)
-        batches = after["dvd_vision_batch_tiles_count"] - before["dvd_vision_batch_tiles_count"]
-        batch_tiles = after["dvd_vision_batch_tiles_sum"] - before["dvd_vision_batch_tiles_sum"]
+    rows = []
+    for (label, _), runs in zip(MODES, measured):
+        rates = [run["tiles"] / run["seconds"] for run in runs]
+        batches = sum(run["batches"] for run in runs)
         rows.append({
-            "batching": label, "jobs": args.jobs, "tiles": tiles, "seconds": seconds, "tiles_per_s": tiles / seconds,
-            "tiles_per_batch": batch_tiles / batches if batches else float("nan"),
+            "batching": label, "jobs": args.jobs, "repeats": len(runs), "tiles_per_s": statistics.median(rates),
+            "tiles_per_s_min": min(rates), "tiles_per_s_max": max(rates),
+            "tiles_per_batch": sum(run["batch_tiles"] for run in runs) / batches if batches else float("nan"),
         })
-    rows[1]["speedup"] = rows[1]["tiles_per_s"] / rows[0]["tiles_per_s"]
+    off, on = measured
+    rows[1]["speedup"] = statistics.median(
+        (b["tiles"] / b["seconds"]) / (a["tiles"] / a["seconds"]) for a, b in zip(off, on)
+    )  # the median of each round's on/off ratio
     return rows
 
 
@@ -184,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.vision_throughput", description=__doc__.split("\n")[0])
     parser.add_argument("--jobs", type=int, default=64, help="image jobs per measurement")
     parser.add_argument("--concurrency", type=int, default=8, help="jobs in flight")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of both modes, alternated")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--threads", type=int, default=0, help="vision.threads (0 = torch's default)")
     parser.add_argument("--vir", action="store_true", help="also measure ViR's byte and prompt-token savings")
@@ -194,9 +216,10 @@ def main(argv: list[str] | None = None) -> int:
         rows = throughput(args, log_dir)
         payload["throughput"] = rows
         print(f"\nVision throughput, {args.concurrency} concurrent image jobs ({args.dtype}):\n")
-        print(markdown_table(rows, [("batching", "batching"), ("jobs", "jobs"), ("tiles", "tiles"),
-                                    ("seconds", "s"), ("tiles_per_s", "tiles/s"),
-                                    ("tiles_per_batch", "tiles/batch"), ("speedup", "on/off")]))
+        print(markdown_table(rows, [("batching", "batching"), ("jobs", "jobs"), ("repeats", "rounds"),
+                                    ("tiles_per_s", "tiles/s (median)"), ("tiles_per_s_min", "min"),
+                                    ("tiles_per_s_max", "max"), ("tiles_per_batch", "tiles/batch"),
+                                    ("speedup", "on/off (median of rounds)")]))
         if args.vir:
             vir_rows = vir_savings(args, log_dir)
             payload["vir"] = vir_rows
