@@ -122,8 +122,7 @@ class Sampler:
             uniforms = torch.cat([self._uniform(generators[i]) for i in sampled]).to(raw.device)
             warped = _take_rows(scores, rows)
             probs = warped.softmax(dim=-1)
-            picked = _inverse_cdf(probs, uniforms)
-            broken = ~torch.isfinite(probs).all(dim=-1)
+            picked, broken = _inverse_cdf(probs, uniforms)
             if bool(broken.any()):  # e.g. NaN logits: the cdf means nothing, take the best score
                 best = torch.nan_to_num(warped, nan=float("-inf")).argmax(dim=-1)
                 picked = torch.where(broken, best, picked)
@@ -222,16 +221,18 @@ def _take_rows(tensor: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return tensor if rows.numel() == tensor.shape[0] else tensor[rows]
 
 
-def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """The token whose cumulative-probability interval contains each row's uniform draw."""
+def _inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The token whose cumulative-probability interval contains each row's uniform draw, and
+    which rows hold a NaN (it runs through the cumulative sum to the row's total)."""
     cdf = probs.cumsum(dim=-1)
+    broken = ~torch.isfinite(cdf[:, -1])
     targets = (uniforms * cdf[:, -1]).unsqueeze(1)
     picked = torch.searchsorted(cdf, targets, right=True).squeeze(1)
     if bool((picked >= probs.shape[1]).any()):
         # Rounding put a target on the very end of the cdf: take the last possible token there.
         last_possible = probs.shape[1] - 1 - (probs > 0).flip(-1).int().argmax(dim=-1)
         picked = torch.minimum(picked, last_possible)
-    return picked
+    return picked, broken
 
 
 def _logsumexp(raw: torch.Tensor) -> torch.Tensor:
