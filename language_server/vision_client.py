@@ -97,9 +97,12 @@ class VisionClient:
             for i, endpoint in enumerate(self.endpoints)
         ]
         lc = config.language
-        # The largest answer a request may have (plus its header); 0: unknown width, the transport's default.
-        largest = max_feature_bytes(config.images.max_tiles_per_request, hidden_size) + HEADER_BYTES if hidden_size else None
-        self.receiver: FeatureReceiver = create_backend(config.transport).receiver(lc.host, lc.feature_port, largest)
+        backend = create_backend(config.transport)
+        if hidden_size:  # frames up to the largest answer a request may have, plus its header
+            largest = max_feature_bytes(config.images.max_tiles_per_request, hidden_size) + HEADER_BYTES
+            self.receiver: FeatureReceiver = backend.receiver(lc.host, lc.feature_port, largest)
+        else:  # features of unknown width (a vision-only client): the transport's default limit
+            self.receiver = backend.receiver(lc.host, lc.feature_port)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()

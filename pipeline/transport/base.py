@@ -27,6 +27,8 @@ from typing import Any, Callable
 
 from pipeline.config import TransportConfig
 
+DEFAULT_MAX_FRAME_BYTES = 4 << 30  # a receiver disconnects a peer that sends a larger frame
+
 
 class TransportError(RuntimeError):
     """A payload could not be delivered or received."""
@@ -97,6 +99,6 @@ class TransportBackend(ABC):
         """A sender for the vision side."""
 
     @abstractmethod
-    def receiver(self, host: str, port: int, max_frame_bytes: int | None = None) -> FeatureReceiver:
+    def receiver(self, host: str, port: int, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FeatureReceiver:
         """A receiver bound at host:port for the language side. A peer that sends a frame (or
-        announces a payload) larger than max_frame_bytes is refused; None: a generous default."""
+        announces a payload) larger than max_frame_bytes is refused."""

@@ -33,9 +33,16 @@ import numpy as np
 from nixl._api import nixl_agent, nixl_agent_config
 
 from pipeline.config import TransportConfig
-from pipeline.transport.base import FeatureReceiver, FeatureSender, ReceivedFrame, TransportBackend, TransportError
+from pipeline.transport.base import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FeatureReceiver,
+    FeatureSender,
+    ReceivedFrame,
+    TransportBackend,
+    TransportError,
+)
 from pipeline.transport.nixl_pool import RegisteredBuffer, RegisteredPool
-from pipeline.transport.tcp import DEFAULT_MAX_FRAME_BYTES, TcpBackend, TcpReceiver, TcpSender
+from pipeline.transport.tcp import TcpBackend, TcpReceiver, TcpSender
 
 log = logging.getLogger(__name__)
 DESCRIPTOR_MAGIC = b"DVDNIXL1"
@@ -254,10 +261,10 @@ class NixlBackend(TransportBackend):
             control.close()
             raise
 
-    def receiver(self, host: str, port: int, max_frame_bytes: int | None = None) -> FeatureReceiver:
+    def receiver(self, host: str, port: int, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FeatureReceiver:
         control = TcpBackend(self.config).receiver(host, port, max_frame_bytes)
         try:
-            return NixlReceiver(self.config, control, max_frame_bytes or DEFAULT_MAX_FRAME_BYTES)
+            return NixlReceiver(self.config, control, max_frame_bytes)
         except BaseException:
             control.close()
             raise

@@ -28,7 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import TransportConfig
-from pipeline.transport.base import FeatureReceiver, FeatureSender, ReceivedFrame, TransportBackend, TransportError
+from pipeline.transport.base import (
+    DEFAULT_MAX_FRAME_BYTES,
+    FeatureReceiver,
+    FeatureSender,
+    ReceivedFrame,
+    TransportBackend,
+    TransportError,
+)
 from pipeline.transport.shm_segments import (
     CONTROL_BYTES,
     FREE,
@@ -302,5 +309,5 @@ class ShmBackend(TransportBackend):
     def sender(self) -> FeatureSender:
         return ShmSender(self.config, TcpBackend(self.config).sender())
 
-    def receiver(self, host: str, port: int, max_frame_bytes: int | None = None) -> FeatureReceiver:
+    def receiver(self, host: str, port: int, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FeatureReceiver:
         return ShmReceiver(self.config, TcpBackend(self.config).receiver(host, port, max_frame_bytes))

@@ -7,6 +7,7 @@ from collections import OrderedDict
 import zmq
 
 from pipeline.transport.base import (
+    DEFAULT_MAX_FRAME_BYTES,
     FeatureReceiver,
     FeatureSender,
     PeerTimeout,
@@ -16,7 +17,6 @@ from pipeline.transport.base import (
 )
 
 MAX_SOCKETS = 64  # reply addresses a sender keeps a socket for; the least recently used is closed
-DEFAULT_MAX_FRAME_BYTES = 4 << 30  # a receiver disconnects a peer that sends a larger frame
 
 
 class TcpSender(FeatureSender):
@@ -102,6 +102,5 @@ class TcpBackend(TransportBackend):
     def sender(self) -> FeatureSender:
         return TcpSender(zmq.Context.instance(), self.config.send_timeout_s, self.config.high_water_mark)
 
-    def receiver(self, host: str, port: int, max_frame_bytes: int | None = None) -> FeatureReceiver:
-        limit = DEFAULT_MAX_FRAME_BYTES if max_frame_bytes is None else max_frame_bytes
-        return TcpReceiver(zmq.Context.instance(), host, port, self.config.high_water_mark, limit)
+    def receiver(self, host: str, port: int, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FeatureReceiver:
+        return TcpReceiver(zmq.Context.instance(), host, port, self.config.high_water_mark, max_frame_bytes)
