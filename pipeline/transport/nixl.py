@@ -33,14 +33,8 @@ import numpy as np
 from nixl._api import nixl_agent, nixl_agent_config
 
 from pipeline.config import TransportConfig
-from pipeline.transport.base import (
-    DEFAULT_MAX_FRAME_BYTES,
-    FeatureReceiver,
-    FeatureSender,
-    ReceivedFrame,
-    TransportBackend,
-    TransportError,
-)
+from pipeline.transport import base
+from pipeline.transport.base import FeatureReceiver, FeatureSender, ReceivedFrame, TransportBackend, TransportError
 from pipeline.transport.nixl_pool import RegisteredBuffer, RegisteredPool
 from pipeline.transport.tcp import TcpBackend, TcpReceiver, TcpSender
 
@@ -148,7 +142,7 @@ class NixlSender(FeatureSender):
 
 class NixlReceiver(FeatureReceiver):
     def __init__(
-        self, config: TransportConfig, control: TcpReceiver, max_payload_bytes: int = DEFAULT_MAX_FRAME_BYTES
+        self, config: TransportConfig, control: TcpReceiver, max_payload_bytes: int = base.DEFAULT_MAX_FRAME_BYTES
     ) -> None:
         self._control = control
         self._max_payload_bytes = max_payload_bytes
@@ -261,7 +255,7 @@ class NixlBackend(TransportBackend):
             control.close()
             raise
 
-    def receiver(self, host: str, port: int, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FeatureReceiver:
+    def receiver(self, host: str, port: int, max_frame_bytes: int = base.DEFAULT_MAX_FRAME_BYTES) -> FeatureReceiver:
         control = TcpBackend(self.config).receiver(host, port, max_frame_bytes)
         try:
             return NixlReceiver(self.config, control, max_frame_bytes)
