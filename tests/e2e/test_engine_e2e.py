@@ -117,7 +117,8 @@ def test_client_that_disconnects_mid_stream_frees_its_blocks(tight, client_for):
 
 def test_deadline_mid_generation_frees_blocks_and_others_finish(tight, client_for, reference):
     client = client_for(tight)
-    doomed = pb.GenerateRequest(messages=to_messages(_conversations()[1]), sampling=sampling(**LONG))
+    # A short prompt, so that max_model_len leaves room for ~2500 tokens: far more than 3 s of decode.
+    doomed = pb.GenerateRequest(messages=to_messages(_conversations()[5]), sampling=sampling(**LONG))
     survivor = _conversations()[2]
     with ThreadPoolExecutor(2) as pool:
         cut = pool.submit(client.stub.GenerateUnary, doomed, timeout=3.0)
