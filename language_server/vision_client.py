@@ -28,6 +28,7 @@ from pipeline.channels import PushChannel
 from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded, InternalError, Unavailable
 from pipeline.transport import FeatureReceiver, create_backend
+from pipeline.transport.base import DEFAULT_MAX_FRAME_BYTES
 from pipeline.wire import (
     Features,
     JobStatus,
@@ -97,12 +98,11 @@ class VisionClient:
             for i, endpoint in enumerate(self.endpoints)
         ]
         lc = config.language
-        backend = create_backend(config.transport)
-        if hidden_size:  # frames up to the largest answer a request may have, plus its header
-            largest = max_feature_bytes(config.images.max_tiles_per_request, hidden_size) + HEADER_BYTES
-            self.receiver: FeatureReceiver = backend.receiver(lc.host, lc.feature_port, largest)
-        else:  # features of unknown width (a vision-only client): the transport's default limit
-            self.receiver = backend.receiver(lc.host, lc.feature_port)
+        # Frames up to the largest answer a request may have, plus its header; features of unknown
+        # width (a vision-only client) get the transport's default limit.
+        largest = (max_feature_bytes(config.images.max_tiles_per_request, hidden_size) + HEADER_BYTES
+                   if hidden_size else DEFAULT_MAX_FRAME_BYTES)
+        self.receiver: FeatureReceiver = create_backend(config.transport).receiver(lc.host, lc.feature_port, largest)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
