@@ -128,7 +128,7 @@ def run_until_signalled(
 ) -> None:
     """The process's main: logging, torch threads and /metrics, then `serve` until SIGTERM or SIGINT."""
     setup_logging(role, config.log_level)
-    configure_torch(config.language.threads)
+    configure_torch(config.language.threads, config.language.cpus)
     start_metrics(config.language.host, config.language.metrics_port)
 
     async def main() -> None:

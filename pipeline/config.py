@@ -18,6 +18,7 @@ import yaml
 from pipeline.config_fields import (
     ConfigError,
     build,
+    cpu_list,
     distinct_ports,
     host_port,
     non_negative,
@@ -95,7 +96,8 @@ class VisionConfig:
 
     device: str = "cpu"
     dtype: DType = "float32"
-    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    threads: int = 0  # torch intra-op threads; 0 = one per CPU in `cpus`, else torch's default
+    cpus: tuple[int, ...] = ()  # CPU ids the process is bound to, split evenly between replicas; () = unbound
     host: str = "127.0.0.1"
     job_port: int = 5610  # jobs arrive here (ZMQ)
     grpc_port: int = 50061  # health checking and admin
@@ -115,6 +117,7 @@ class VisionConfig:
         ports(self, "metrics_port", last=self.replicas - 1, off_ok=True)
         ports(self, "job_port", "grpc_port", last=self.replicas - 1)
         non_negative(self, "threads", "max_wait_ms", "feature_cache_bytes")
+        cpu_list(self, groups=self.replicas)
         if self.devices and len(self.devices) != self.replicas:
             raise ValueError(f"devices lists {len(self.devices)} devices for {self.replicas} replicas")
         distinct_ports(self.endpoints(), "vision.")
@@ -131,6 +134,10 @@ class VisionConfig:
     def device_of(self, replica: int) -> str:
         return self.devices[replica] if self.devices else self.device
 
+    def cpus_of(self, replica: int) -> tuple[int, ...]:
+        share = len(self.cpus) // self.replicas
+        return self.cpus[replica * share : (replica + 1) * share]
+
 
 @dataclass(frozen=True)
 class LanguageConfig:
@@ -139,6 +146,7 @@ class LanguageConfig:
     device: str = "cpu"
     dtype: DType = "float32"
     threads: int = 0
+    cpus: tuple[int, ...] = ()
     host: str = "127.0.0.1"
     grpc_port: int = 50051  # public gRPC API
     feature_port: int = 5620  # features arrive here
@@ -186,6 +194,7 @@ class LanguageConfig:
         ports(self, "grpc_port", "feature_port")
         ports(self, "metrics_port", off_ok=True)
         non_negative(self, "threads")
+        cpu_list(self)
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise ValueError("default_max_new_tokens exceeds max_new_tokens_limit")
         if self.num_kv_blocks and self.num_kv_blocks * self.block_size < self.max_model_len:
@@ -264,6 +273,11 @@ class DvDConfig:
                 raise ValueError(
                     "vision.threads: colocated mode runs the vision encoder on the language server's threads "
                     "(language.threads); leave vision.threads at 0"
+                )
+            if vc.cpus:
+                raise ValueError(
+                    "vision.cpus: colocated mode runs the vision encoder on the language server's CPUs "
+                    "(language.cpus); leave vision.cpus empty"
                 )
         elif not lc.vision_servers and same_host(vc.host, lc.host):
             distinct_ports(

@@ -108,6 +108,21 @@ def non_negative(obj: Any, *names: str) -> None:
             raise ValueError(f"{name}: must be >= 0, got {getattr(obj, name)!r}")
 
 
+def cpu_list(obj: Any, groups: int = 1) -> None:
+    """`obj.cpus`: distinct CPU ids >= 0 that split evenly into `groups` (one per replica), each with
+    at least `obj.threads` CPUs."""
+    cpus = obj.cpus
+    if not cpus:
+        return
+    if min(cpus) < 0 or len(set(cpus)) != len(cpus):
+        raise ValueError(f"cpus: CPU ids must be distinct and >= 0, got {list(cpus)}")
+    if len(cpus) % groups:
+        raise ValueError(f"cpus: {len(cpus)} CPUs do not split evenly between {groups} replicas")
+    if obj.threads > len(cpus) // groups:
+        raise ValueError(f"threads ({obj.threads}) exceeds the {len(cpus) // groups} CPUs in cpus"
+                         + (" per replica" if groups > 1 else ""))
+
+
 def ports(obj: Any, *names: str, last: int = 0, off_ok: bool = False) -> None:
     """Each port (and port + `last`, for replicas) in 1..65535; 0 too where it switches the endpoint off."""
     for name in names:

@@ -201,6 +201,9 @@ class Deployment:
 
         Setting `cancel` (from a signal handler, say) ends the wait with StartInterrupted."""
         cancelled = cancel.is_set if cancel is not None else (lambda: False)
+        running = [server.name for server in self.servers if server.process is not None and server.alive]
+        if running:
+            raise LaunchError(f"{', '.join(running)}: already started (a `with Deployment(...)` block starts it)")
         if self.config.model.path == "tiny":
             from pipeline.tiny_model import tiny_model_dir
 

@@ -9,11 +9,31 @@ import signal
 import torch
 
 
-def configure_torch(threads: int) -> None:
-    """Apply the configured CPU thread budget (0 keeps torch's default)."""
+def configure_torch(threads: int, cpus: tuple[int, ...] = ()) -> None:
+    """Apply the configured CPU budget: bind this process to `cpus` (empty: leave it unbound), then
+    set torch's intra-op threads (0: one per bound CPU, or torch's default when unbound).
+    Exits with status 2 when `cpus` names CPUs this process may not use."""
+    if cpus:
+        bind_cpus(cpus)
+        threads = threads or len(cpus)
     if threads > 0:
         torch.set_num_threads(threads)
         torch.set_num_interop_threads(1)
+
+
+def bind_cpus(cpus: tuple[int, ...]) -> None:
+    """Bind every thread of this process, and the threads it starts later, to `cpus`."""
+    import sys
+
+    allowed = os.sched_getaffinity(0)
+    if not set(cpus) <= allowed:
+        print(f"error: cpus {list(cpus)}: this process may use only CPUs {sorted(allowed)}", file=sys.stderr)
+        raise SystemExit(2)
+    for thread in os.listdir("/proc/self/task"):  # sched_setaffinity binds one thread, not the process
+        try:
+            os.sched_setaffinity(int(thread), cpus)
+        except ProcessLookupError:  # the thread has exited
+            pass
 
 
 def start_metrics(host: str, port: int, offset: int = 0) -> None:

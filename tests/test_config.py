@@ -78,6 +78,12 @@ def test_configs_are_frozen():
          "vision.device (cuda:1) differs from language.device (cuda:0)"),
         ({"mode": "colocated", "vision.devices": ["cuda:1"]}, "vision.devices (cuda:1) differs from language.device (cpu)"),
         ({"mode": "colocated", "vision.threads": 2}, "vision.threads: colocated mode runs the vision encoder"),
+        ({"mode": "colocated", "vision.cpus": [0]}, "vision.cpus: colocated mode runs the vision encoder"),
+        ({"vision.cpus": [0, 0]}, "vision.cpus: CPU ids must be distinct and >= 0, got [0, 0]"),
+        ({"language.cpus": [-1]}, "language.cpus: CPU ids must be distinct and >= 0"),
+        ({"vision.cpus": [0, 1, 2], "vision.replicas": 2}, "vision.cpus: 3 CPUs do not split evenly between 2 replicas"),
+        ({"language.cpus": [0], "language.threads": 2}, "language.threads (2) exceeds the 1 CPUs in cpus"),
+        ({"vision.cpus": [0, 1], "vision.replicas": 2, "vision.threads": 2}, "exceeds the 1 CPUs in cpus per replica"),
     ],
 )
 def test_bad_values_stop_loading_with_the_key_and_the_file(override, message):
@@ -115,10 +121,17 @@ def test_missing_and_malformed_files(tmp_path):
         {"mode": "colocated", "vision.job_port": 50051},  # colocated binds no vision port
         {"language.num_kv_blocks": 512},  # 512 x 16 = max_model_len
         {"mode": "colocated", "vision.device": "cuda:0", "language.device": "cuda:0"},
+        {"vision.cpus": [0, 1], "language.cpus": [2, 3], "vision.threads": 2},
     ],
 )
 def test_consistent_values_load(override):
     load_config(CONFIGS[0].parent / "tiny.yaml", override)
+
+
+def test_vision_replicas_split_their_cpus():
+    config = load_config(CONFIGS[0].parent / "tiny.yaml", {"vision.cpus": [4, 5, 6, 7], "vision.replicas": 2})
+    assert [config.vision.cpus_of(i) for i in range(2)] == [(4, 5), (6, 7)]
+    assert load_config(CONFIGS[0].parent / "tiny.yaml").vision.cpus_of(0) == ()
 
 
 def test_colocated_on_a_two_gpu_config_names_the_fix():

@@ -12,7 +12,7 @@ from pipeline.process import configure_torch, server_args, start_metrics
 def main(argv: list[str] | None = None) -> int:
     args, config = server_args("python -m vision_server", "Run one DvD vision server.", argv, replica=True)
     setup_logging(f"vision-{args.replica}", config.log_level)
-    configure_torch(config.vision.threads)
+    configure_torch(config.vision.threads, config.vision.cpus_of(args.replica))
 
     from pipeline.transport import TransportError
     from vision_server.server import VisionServer

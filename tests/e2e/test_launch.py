@@ -220,3 +220,15 @@ def test_a_vision_port_shared_through_so_reuseport_fails_start_up(tmp_path):
         assert all(not server.alive for server in deployment.servers)
     finally:
         other.stop(0)
+
+
+def test_starting_a_started_deployment_is_refused_and_leaves_it_serving(tmp_path):
+    from pipeline.launch import Deployment, LaunchError
+
+    with Deployment(TINY_CONFIG, port_overrides(), log_dir=tmp_path) as deployment:
+        pids = [server.process.pid for server in deployment.servers]
+        with pytest.raises(LaunchError, match="vision-0, language: already started"):
+            deployment.start(timeout_s=START_TIMEOUT_S)
+        assert [server.process.pid for server in deployment.servers] == pids
+        assert all(_running(pid) for pid in pids)
+        assert _pid_of(deployment.address) == pids[-1]
