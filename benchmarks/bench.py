@@ -4,6 +4,11 @@ Hardware comparisons (CPU thread budgets; `--llm-threads L --vision-threads V`):
   (a) the paper's setup: the LLM gets L threads in both modes and DvD adds V vision threads
       -> colocated with L threads vs DvD with V + L;
   (b) equal totals -> colocated with V + L threads vs DvD with V + L.
+Each server process is bound to CPUs of its own when the machine has V + L of them
+(`--bind-cpus`, default auto): DvD's vision server to V CPUs and its language server to L others;
+colocated (a) to those same L; colocated (b) to all V + L. Vision-only and LLM-only run on
+DvD's servers, so each single stage is measured on exactly the CPUs it has inside DvD (unbound,
+a stage measured alone could borrow the idle CPU of the other for its helper threads).
 Loads: closed-loop concurrency at three image sizes (about 1, 5 and 10 tiles) and fixed
 Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity). A
 closed loop starts with all its workers' requests at once; TTFT p99 is reported over every
@@ -35,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -64,6 +70,8 @@ class Setup:
     llm_threads: int
     vision_device: str = "cpu"
     llm_device: str = "cpu"
+    vision_cpus: tuple[int, ...] = ()
+    llm_cpus: tuple[int, ...] = ()
 
     def overrides(self, model_path: str, dtype: str, batch_tiles: int) -> dict[str, Any]:
         return {
@@ -76,6 +84,8 @@ class Setup:
             "language.dtype": dtype,
             "vision.threads": self.vision_threads,
             "language.threads": self.llm_threads,
+            "vision.cpus": list(self.vision_cpus),
+            "language.cpus": list(self.llm_cpus),
             "vision.feature_cache_bytes": 0,  # every request pays for its images
             "log_level": "warning",
         }
@@ -181,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="vision.max_batch_tiles for both modes (default: 1 on a CPU, the config's default on a GPU)")
     parser.add_argument("--llm-threads", type=int, default=1)
     parser.add_argument("--vision-threads", type=int, default=1)
+    parser.add_argument("--bind-cpus", action=argparse.BooleanOptionalAction, default=None,
+                        help="bind each server to CPUs of its own (default: when there are enough CPUs)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=48,
                         help="requests per run (a closed loop's first wave and final drain weigh less in longer runs)")
@@ -208,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     if not fractions or not all(f > 0 for f in fractions):
         parser.error(f"--rate-fractions must be numbers > 0, got {args.rate_fractions!r}")
 
+    vision_cpus, llm_cpus = _cpus(args, parser)
+
     started = time.perf_counter()
     model_path = bench_model(args.model)
     loads = workloads(args.output_tokens, sizes)
@@ -216,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.vision_batch_tiles is None:
         args.vision_batch_tiles = 1 if vision_device == "cpu" else VisionConfig.max_batch_tiles
     setups = [
-        Setup("dvd", "decoupled", args.vision_threads, args.llm_threads, vision_device, args.device),
-        Setup("colocated-a", "colocated", 0, args.llm_threads, args.device, args.device),
-        Setup("colocated-b", "colocated", 0, total_threads, args.device, args.device),
+        Setup("dvd", "decoupled", args.vision_threads, args.llm_threads, vision_device, args.device,
+              vision_cpus, llm_cpus),
+        Setup("colocated-a", "colocated", 0, args.llm_threads, args.device, args.device, (), llm_cpus),
+        Setup("colocated-b", "colocated", 0, total_threads, args.device, args.device, (), vision_cpus + llm_cpus),
     ]
     log_dir = RESULTS / "logs"
     deployments: dict[str, Deployment] = {}
@@ -229,7 +244,8 @@ def main(argv: list[str] | None = None) -> int:
                 **setup.overrides(str(model_path), args.dtype, args.vision_batch_tiles),
                 **_ports(index, args.port_base),
             }
-            print(f"starting {setup.name} ({setup.mode}, vision {setup.vision_threads} + llm {setup.llm_threads} threads"
+            bound = f"; cpus {list(setup.vision_cpus)} + {list(setup.llm_cpus)}" if setup.llm_cpus else ""
+            print(f"starting {setup.name} ({setup.mode}, vision {setup.vision_threads} + llm {setup.llm_threads} threads{bound}"
                   f"{'' if setup.llm_device == 'cpu' else f'; vision on {setup.vision_device}, llm on {setup.llm_device}'})")
             deployments[setup.name] = Deployment(BASE_CONFIG, overrides, log_dir=log_dir / setup.name).start(600)
             for workload in loads:  # every setup meets every image size before it is measured
@@ -301,6 +317,19 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     print(f"\nwrote {path} (+ .md, .png) in {report['wall_s'] / 60:.1f} min")
     return 0
+
+
+def _cpus(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(vision CPUs, LLM CPUs) of DvD, disjoint; both empty when not binding."""
+    allowed = sorted(os.sched_getaffinity(0))
+    needed = args.vision_threads + args.llm_threads
+    if args.bind_cpus is None:
+        args.bind_cpus = len(allowed) >= needed
+    if not args.bind_cpus:
+        return (), ()
+    if len(allowed) < needed:
+        parser.error(f"--bind-cpus needs {needed} CPUs (vision + llm threads); this process may use {len(allowed)}")
+    return tuple(allowed[: args.vision_threads]), tuple(allowed[args.vision_threads : needed])
 
 
 def _tokenizer(model_path: Path):

@@ -3,8 +3,10 @@ runs against real servers, and the report holds every figure the full run report
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
+import os
 import random
 import socket
 
@@ -60,6 +62,7 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
         assert math.isclose(row["throughput_ratio"], row["dvd_req_s"] / row["colocated_req_s"])
     (efficiency,) = result["efficiency"]
     assert 0 < efficiency["pipeline_efficiency"] < math.inf
+    assert result["args"]["bind_cpus"] == (len(os.sched_getaffinity(0)) >= 2)
 
 
 def test_bench_refuses_a_rate_size_it_does_not_run(capsys) -> None:
@@ -75,3 +78,26 @@ def test_bench_refuses_rate_fractions_that_are_not_positive(fractions, capsys) -
         bench.main(["--rate-fractions", fractions])
     assert stop.value.code == 2
     assert "--rate-fractions must be numbers > 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("allowed", "flag", "expected"),
+    [
+        ({3, 5, 7}, None, ((3,), (5, 7))),  # auto: enough CPUs, vision first, disjoint
+        ({4, 6}, None, ((), ())),  # auto: too few CPUs to give each thread its own
+        ({3, 5, 7}, False, ((), ())),
+    ],
+)
+def test_bench_binds_dvd_servers_to_disjoint_cpus(monkeypatch, allowed, flag, expected) -> None:
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: allowed)
+    args = argparse.Namespace(vision_threads=1, llm_threads=2, bind_cpus=flag)
+    assert bench._cpus(args, argparse.ArgumentParser()) == expected
+    assert args.bind_cpus == bool(expected[0])
+
+
+def test_bench_refuses_binding_without_enough_cpus(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0})
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--bind-cpus", "--sizes", "448px"])
+    assert stop.value.code == 2
+    assert "--bind-cpus needs 2 CPUs (vision + llm threads); this process may use 1" in capsys.readouterr().err
