@@ -17,7 +17,7 @@ import torch
 
 from language_server.engine.sampling import SamplingParams
 from language_server.engine.sequence import EngineRequest
-from language_server.prompt import MediaLayout, Prompt, PromptBuilder
+from language_server.prompt import MediaLayout, Prompt, PromptBuilder, PromptSkeleton
 from language_server.request import GenerationRequest, ImagePart, TextPart, VideoPart
 from language_server.vision_client import VisionClient, new_job_id
 from pipeline.config import DvDConfig
@@ -125,27 +125,26 @@ def check_text_length(prompts: PromptBuilder, req: GenerationRequest, max_model_
         )
 
 
-def build_prompt(prompts: PromptBuilder, req: GenerationRequest, layouts: list[MediaLayout], max_model_len: int) -> Prompt:
-    """The request's prompt; InvalidRequest when it does not leave room for one new token.
-    Tokenizing long text takes a while: call it off the event loop."""
+def prepare_prompt(prompts: PromptBuilder, req: GenerationRequest, max_model_len: int) -> PromptSkeleton:
+    """The request's text tokenized once, its images and videos left open (`fill_prompt` adds
+    them). Before any vision work: InvalidRequest when the prompt leaves no room for one new token
+    even with every image and frame empty. Tokenizing long text takes a while: call it off the
+    event loop."""
     check_text_length(prompts, req, max_model_len)
-    prompt = prompts.build(req.messages, layouts)
+    skeleton = prompts.skeleton(req.messages)
+    tokens = skeleton.min_tokens
+    if tokens >= max_model_len:
+        before = " before its images and videos" if req.media else ""
+        raise InvalidRequest(f"the prompt is {tokens} tokens{before}; max_model_len is {max_model_len}")
+    return skeleton
+
+
+def fill_prompt(skeleton: PromptSkeleton, layouts: list[MediaLayout], max_model_len: int) -> Prompt:
+    """The prompt with the vision answer's rows; InvalidRequest when it does not leave room for one new token."""
+    prompt = skeleton.fill(layouts)
     if len(prompt.token_ids) >= max_model_len:
         raise InvalidRequest(f"the prompt is {len(prompt.token_ids)} tokens; max_model_len is {max_model_len}")
     return prompt
-
-
-def check_fits_without_media(prompts: PromptBuilder, req: GenerationRequest, max_model_len: int) -> None:
-    """Before any vision work: refuse a prompt that is too long even with every image empty and
-    every video one empty frame. Its text tokenizes exactly as in the final prompt (the image
-    blocks that separate text runs stay), so this is a lower bound on the final length."""
-    layouts = [MediaLayout(()) if isinstance(p, ImagePart) else MediaLayout((), (0,)) for p in req.media]
-    check_text_length(prompts, req, max_model_len)
-    tokens = len(prompts.build(req.messages, layouts).token_ids)
-    if tokens >= max_model_len:
-        raise InvalidRequest(
-            f"the prompt is {tokens} tokens before its images and videos; max_model_len is {max_model_len}"
-        )
 
 
 def release_all(features: list[Features]) -> None:
@@ -171,15 +170,12 @@ class RemoteMedia:
         trace = MediaTrace()
         max_len = self.config.language.max_model_len
         jobs = vision_jobs(req, self.config, self.group_images)
-        if jobs:
-            await asyncio.to_thread(check_fits_without_media, self.prompts, req, max_len)
-            features = await self._encode(jobs, trace)
-        else:
-            features = []
+        skeleton = await asyncio.to_thread(prepare_prompt, self.prompts, req, max_len)
+        features = await self._encode(jobs, trace) if jobs else []
         try:
             check_frame_tiles(jobs, [f.header for f in features])
             layouts, rows = per_media(req, jobs, [(f.header, f.tensor) for f in features])
-            prompt = await asyncio.to_thread(build_prompt, self.prompts, req, layouts, max_len)
+            prompt = fill_prompt(skeleton, layouts, max_len)
             trace.record([f.header for f in features], prompt)
         finally:
             release_all(features)

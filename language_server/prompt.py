@@ -12,6 +12,10 @@ The default system prompt is the checkpoint's: InternVL3 templates open a conver
 none with their own system turn, InternVL3.5 templates add none (`template_system_prompt`).
 `template_mismatch` compares this layout with the checkpoint's template on text-only probes.
 
+A request's text is tokenized once, before its vision answer exists, into a `PromptSkeleton`
+(token-id runs around open image blocks; its length with every block empty refuses prompts too
+long before any vision work), which the reported rows then fill.
+
 Text runs between special tokens are tokenized separately, exactly as a tokenizer splits a
 rendered template at its special tokens, but with special-token strings inside user text
 treated as plain text, so a user cannot forge `<IMG_CONTEXT>` or `<|im_end|>`.
@@ -66,53 +70,111 @@ class PromptBuilder:
         return max(len(to_text([token]).encode()) for token in self.tokenizer.get_vocab())
 
     def build(self, messages: tuple[ChatMessage, ...], layouts: list[MediaLayout]) -> Prompt:
-        """Token ids of the conversation followed by the assistant's turn opener."""
+        """Token ids of the conversation followed by the assistant's turn opener (each video
+        with as many frames as its layout has)."""
+        media = [p for m in messages for p in m.parts if not isinstance(p, TextPart)]
+        if len(layouts) != len(media):
+            raise ValueError(f"{len(layouts)} media layouts for a prompt with {len(media)} images and videos")
+        frames = [len(layout.frame_tiles) for part, layout in zip(media, layouts) if isinstance(part, VideoPart)]
+        return self.skeleton(messages, frames).fill(layouts)
+
+    def skeleton(self, messages: tuple[ChatMessage, ...], video_frames: list[int] | None = None) -> PromptSkeleton:
+        """The conversation's text tokenized (in one tokenizer call) around open image blocks.
+        `video_frames`: the frame count of each video in order; None = each VideoPart's num_segments."""
         if self.system_prompt and messages[0].role != "system":
             messages = (ChatMessage("system", (TextPart(self.system_prompt),)), *messages)
-        pieces: list[str | list[int]] = []
-        media = iter(layouts)
+        frame_counts = iter(video_frames if video_frames is not None else [])
+        pieces: list[str | int | None] = []  # None: an image block
+        media: list[int | None] = []
         for message in messages:
-            pieces += [[self.im_start], f"{message.role}\n"]
+            pieces += [self.im_start, f"{message.role}\n"]
             for part in message.parts:
                 if isinstance(part, TextPart):
                     pieces.append(part.text)
                 elif isinstance(part, ImagePart):
-                    pieces += [self._image_block(next(media).rows), "\n"]
+                    pieces += [None, "\n"]
+                    media.append(None)
                 elif isinstance(part, VideoPart):
-                    pieces += self._video_lines(next(media))
-            pieces += [[self.im_end], "\n"]
-        pieces += [[self.im_start], "assistant\n"]
-        token_ids = self._tokenize(pieces)
+                    frames = part.num_segments if video_frames is None else next(frame_counts)
+                    for frame in range(1, frames + 1):
+                        pieces += [f"Frame{frame}: ", None, "\n"]
+                    media.append(frames)
+            pieces += [self.im_end, "\n"]
+        pieces += [self.im_start, "assistant\n"]
+        block = (self.img_start, self.img_context, self.img_end)
+        return PromptSkeleton(self._tokenize(pieces), tuple(media), block)
+
+    def _tokenize(self, pieces: list[str | int | None]) -> tuple[tuple[int, ...], ...]:
+        """The token-id runs between image blocks. Adjacent strings tokenize as one text, and
+        special tokens and image blocks split the text, as a tokenizer splits a rendered template."""
+        merged: list[str | int | None] = []
+        for piece in pieces:
+            if isinstance(piece, str) and merged and isinstance(merged[-1], str):
+                merged[-1] += piece
+            else:
+                merged.append(piece)
+        encoded = iter(self._encode_texts([p for p in merged if isinstance(p, str) and p]))
+        runs: list[list[int]] = [[]]
+        for piece in merged:
+            if piece is None:
+                runs.append([])
+            elif isinstance(piece, int):
+                runs[-1].append(piece)
+            elif piece:
+                runs[-1] += next(encoded)
+        return tuple(tuple(run) for run in runs)
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        if not texts:
+            return []
+        return self.tokenizer(texts, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+@dataclass(frozen=True)
+class PromptSkeleton:
+    """A prompt tokenized but for its image blocks' `<IMG_CONTEXT>` counts, which only the vision
+    answer knows: `runs` are the token ids around the blocks (one more run than blocks), `media`
+    each image (None) or video (its frame count) in prompt order, `block` the ids of `<img>`,
+    `<IMG_CONTEXT>` and `</img>`."""
+
+    runs: tuple[tuple[int, ...], ...]
+    media: tuple[int | None, ...]
+    block: tuple[int, int, int]
+
+    @property
+    def min_tokens(self) -> int:
+        """The prompt's length with every image and frame empty: a lower bound on the filled one."""
+        return sum(len(run) for run in self.runs) + 2 * (len(self.runs) - 1)
+
+    def fill(self, layouts: list[MediaLayout]) -> Prompt:
+        """The prompt with each image block holding its layout's rows (a video's, its frames')."""
+        if len(layouts) != len(self.media):
+            raise ValueError(f"{len(layouts)} media layouts for a prompt with {len(self.media)} images and videos")
+        rows: list[int] = []
+        for frames, layout in zip(self.media, layouts):
+            if frames is None:
+                rows.append(layout.rows)
+            elif len(layout.frame_tiles) != frames:
+                raise ValueError(f"a video layout with {len(layout.frame_tiles)} frames for {frames} frame lines")
+            else:
+                rows += frame_rows(layout)
+        start, context, end = self.block
+        token_ids = list(self.runs[0])
+        for count, run in zip(rows, self.runs[1:]):
+            token_ids.append(start)
+            token_ids += [context] * count
+            token_ids.append(end)
+            token_ids += run
         return Prompt(token_ids=token_ids, image_tokens=sum(layout.rows for layout in layouts))
 
-    def _image_block(self, rows: int) -> list[int]:
-        return [self.img_start, *([self.img_context] * rows), self.img_end]
 
-    def _video_lines(self, layout: MediaLayout) -> list[str | list[int]]:
-        lines: list[str | list[int]] = []
-        start = 0
-        for frame, tiles in enumerate(layout.frame_tiles, 1):
-            rows = sum(layout.tile_tokens[start : start + tiles])
-            start += tiles
-            lines += [f"Frame{frame}: ", self._image_block(rows), "\n"]
-        return lines
-
-    def _tokenize(self, pieces: list[str | list[int]]) -> list[int]:
-        ids: list[int] = []
-        text = ""
-        for piece in pieces:
-            if isinstance(piece, str):
-                text += piece
-                continue
-            ids += self._encode_text(text)
-            text = ""
-            ids += piece
-        return ids + self._encode_text(text)
-
-    def _encode_text(self, text: str) -> list[int]:
-        if not text:
-            return []
-        return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+def frame_rows(layout: MediaLayout) -> list[int]:
+    """The feature rows of each frame of a video layout."""
+    rows, start = [], 0
+    for tiles in layout.frame_tiles:
+        rows.append(sum(layout.tile_tokens[start : start + tiles]))
+        start += tiles
+    return rows
 
 
 SYSTEM_OPENER = "<|im_start|>system\n"

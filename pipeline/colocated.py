@@ -19,10 +19,10 @@ from language_server.engine.sequence import EngineRequest, Prepared
 from language_server.media import (
     MediaStage,
     MediaTrace,
-    build_prompt,
-    check_fits_without_media,
     check_frame_tiles,
+    fill_prompt,
     per_media,
+    prepare_prompt,
     vision_jobs,
 )
 from language_server.prompt import PromptBuilder
@@ -45,12 +45,12 @@ class InlineMedia:
     ) -> tuple[EngineRequest, MediaTrace]:
         trace = MediaTrace()
         max_len = self.config.language.max_model_len
+        skeleton = await asyncio.to_thread(prepare_prompt, self.prompts, req, max_len)
         if not req.media:
-            prompt = await asyncio.to_thread(build_prompt, self.prompts, req, [], max_len)
+            prompt = fill_prompt(skeleton, [], max_len)
             trace.record([], prompt)
             return EngineRequest(req.request_id, prompt.token_ids, params), trace
         jobs = vision_jobs(req, self.config, group_images=self.worker.router is not None)
-        await asyncio.to_thread(check_fits_without_media, self.prompts, req, max_len)
         submitted = time.perf_counter()
 
         def prepare() -> Prepared:
@@ -60,7 +60,7 @@ class InlineMedia:
                 header.raise_for_status()
             check_frame_tiles(jobs, [header for header, _ in answers])
             layouts, rows = per_media(req, jobs, answers)
-            prompt = build_prompt(self.prompts, req, layouts, max_len)
+            prompt = fill_prompt(skeleton, layouts, max_len)
             trace.record([header for header, _ in answers], prompt)
             finished = time.perf_counter()
             trace.spans.vision_queue = started - submitted

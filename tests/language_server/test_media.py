@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from language_server.engine.sampling import SamplingParams
-from language_server.media import RemoteMedia, build_prompt, check_text_length, per_media, vision_jobs
+from language_server.media import RemoteMedia, check_text_length, fill_prompt, per_media, prepare_prompt, vision_jobs
 from language_server.prompt import PromptBuilder
 from language_server.request import ChatMessage, GenerationRequest, ImagePart, TextPart, VideoPart
 from pipeline.config import DvDConfig
@@ -101,10 +101,14 @@ def _one_tile(job: VisionJob, frame_tiles: tuple[int, ...] = ()):
     return FeatureHeader(job.job_id, "r", tile_tokens=(4,) * tiles, frame_tiles=frame_tiles), torch.zeros(4 * tiles, 8)
 
 
-def _media(tokenizer, client, max_model_len: int = 8192) -> RemoteMedia:
+def _config(max_model_len: int = 8192) -> DvDConfig:
     config = DvDConfig()
-    config = replace(config, language=replace(config.language, max_model_len=max_model_len))
-    return RemoteMedia(client, PromptBuilder(tokenizer), config, Pipeline.create(8, 8, 8), group_images=False)
+    return replace(config, language=replace(config.language, max_model_len=max_model_len))
+
+
+def _media(tokenizer, client, max_model_len: int = 8192, system_prompt: str | None = None) -> RemoteMedia:
+    prompts = PromptBuilder(tokenizer, system_prompt)
+    return RemoteMedia(client, prompts, _config(max_model_len), Pipeline.create(8, 8, 8), group_images=False)
 
 
 def _run(coro):
@@ -160,7 +164,7 @@ def test_text_that_cannot_fit_is_refused_without_tokenizing(tokenizer):
     calls: list[int] = []
     builder.tokenizer = lambda *args, **kwargs: calls.append(1)
     with pytest.raises(InvalidRequest, match="characters"):
-        build_prompt(builder, huge, [], max_model_len=100)
+        prepare_prompt(builder, huge, max_model_len=100)
     assert calls == []
 
 
@@ -171,7 +175,7 @@ def test_the_character_bound_refuses_no_prompt_that_fits(tokenizer):
     densest = max((to_text([t]) for t in tokenizer.get_vocab()), key=lambda s: len(s.encode()))
     text = densest * 50
     req = GenerationRequest("r", (ChatMessage("user", (TextPart(text),)),), SamplingParams())
-    tokens = len(build_prompt(builder, req, [], max_model_len=10_000).token_ids)
+    tokens = len(fill_prompt(prepare_prompt(builder, req, max_model_len=10_000), [], 10_000).token_ids)
     check_text_length(builder, req, max_model_len=tokens + 1)
 
 
@@ -191,3 +195,97 @@ def test_prompts_are_tokenized_off_the_event_loop(tokenizer):
         req = GenerationRequest("r", (ChatMessage("user", parts),), SamplingParams())
         _run(media.engine_request(req, req.sampling))
     assert threads and threading.main_thread().name not in threads
+
+
+def _rows_per_block(part: ImagePart | VideoPart) -> list[int]:
+    """What `_varied` answers: image b has two 4-row tiles, other images one; video frames alternate 1 and 2 tiles."""
+    if isinstance(part, ImagePart):
+        return [8 if part.data == b"b" else 4]
+    return [4 * (1 + i % 2) for i in range(part.num_segments)]
+
+
+def _varied(job: VisionJob):
+    if job.kind == "video":
+        frame_tiles = tuple(1 + i % 2 for i in range(job.num_segments))
+    else:
+        frame_tiles = ()
+    tiles = sum(frame_tiles) or (2 if job.data == b"b" else 1)
+    return FeatureHeader(job.job_id, "r", tile_tokens=(4,) * tiles, frame_tiles=frame_tiles), torch.zeros(4 * tiles, 8)
+
+
+def _rendered(messages: tuple[ChatMessage, ...], system_prompt: str) -> str:
+    """The ChatML text of the final prompt, image blocks expanded (the reference the tokenizer splits itself)."""
+    if system_prompt and messages[0].role != "system":
+        messages = (ChatMessage("system", (TextPart(system_prompt),)), *messages)
+    rows = iter([n for m in messages for p in m.parts if not isinstance(p, TextPart) for n in _rows_per_block(p)])
+
+    def block() -> str:
+        return "<img>" + "<IMG_CONTEXT>" * next(rows) + "</img>"
+
+    text = ""
+    for m in messages:
+        text += f"<|im_start|>{m.role}\n"
+        for p in m.parts:
+            if isinstance(p, TextPart):
+                text += p.text
+            elif isinstance(p, ImagePart):
+                text += block() + "\n"
+            else:
+                text += "".join(f"Frame{i}: {block()}\n" for i in range(1, p.num_segments + 1))
+        text += "<|im_end|>\n"
+    return text + "<|im_start|>assistant\n"
+
+
+class _FakeWorker:
+    """The colocated VisionWorker's encode, answering like `_varied`."""
+
+    router = None
+
+    def encode(self, jobs):
+        return [_varied(job) for job in jobs]
+
+
+VIDEO_3 = VideoPart(b"v", num_segments=3, max_tiles_per_frame=2)
+ONCE_CASES = {
+    "text_only": ((ChatMessage("user", (TextPart("Hello there!"),)),), ""),
+    "one_image": ((ChatMessage("user", (IMG_A, TextPart("What is this?"))),), ""),
+    "two_images": ((ChatMessage("user", (TextPart("Compare "), IMG_A, TextPart(" and "), IMG_B, TextPart("."))),), ""),
+    "video": ((ChatMessage("user", (VIDEO_3, TextPart("What happens?"))),), ""),
+    "configured_system": ((ChatMessage("user", (IMG_B, VIDEO_3, TextPart("你好 🙂"))),), "Be kind."),
+    "system_and_turns": (
+        (
+            ChatMessage("system", (TextPart("You are terse."),)),
+            ChatMessage("user", (TextPart("Look: "), IMG_A, TextPart("and describe"))),
+            ChatMessage("assistant", (TextPart("A cat."),)),
+            ChatMessage("user", (VIDEO_3, IMG_B, TextPart("Now these?"))),
+        ),
+        "Ignored.",
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "colocated"])
+@pytest.mark.parametrize("name", list(ONCE_CASES))
+def test_a_request_is_tokenized_once_into_the_same_ids(tokenizer, name, mode):
+    from pipeline.colocated import InlineMedia
+
+    messages, system_prompt = ONCE_CASES[name]
+    prompts = PromptBuilder(tokenizer, system_prompt)
+    assert prompts.max_chars_per_token  # the vocabulary scan needs the real tokenizer
+    calls: list[object] = []
+
+    def tokenize(*args, **kwargs):
+        calls.append(args[0])
+        return tokenizer(*args, **kwargs)
+
+    prompts.tokenizer = tokenize
+    if mode == "decoupled":
+        stage = RemoteMedia(_FakeVisionClient(_varied), prompts, _config(), Pipeline.create(8, 8, 8), False)
+    else:
+        stage = InlineMedia(_FakeWorker(), prompts, _config())
+    req = GenerationRequest("r", messages, SamplingParams())
+    request, trace = _run(stage.engine_request(req, req.sampling))
+    token_ids = request.prepare()[0] if request.prepare is not None else request.prompt_ids
+    assert len(calls) == 1
+    assert token_ids == tokenizer(_rendered(messages, system_prompt))["input_ids"]
+    assert trace.image_tokens == token_ids.count(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))

@@ -88,6 +88,41 @@ def test_video_frames_are_numbered_lines(tokenizer):
     assert "Frame1: <img><IMG_CONTEXT></img>\nFrame2: <img><IMG_CONTEXT></img>\nFrame3: <img><IMG_CONTEXT></img>\n" in text
 
 
+def test_video_prompt_equals_the_expanded_text_tokenized(tokenizer):
+    messages = (ChatMessage("user", (TextPart("See:"), VideoPart(b"v", 3, 2), IMG, TextPart("What happens?"))),)
+    layouts = [MediaLayout((3, 5, 7, 11), frame_tiles=(1, 2, 1)), MediaLayout((2, 2))]
+    prompt = PromptBuilder(tokenizer).build(messages, layouts)
+    blocks = ["<img>" + "<IMG_CONTEXT>" * n + "</img>" for n in (3, 12, 11, 4)]
+    text = f"<|im_start|>user\nSee:Frame1: {blocks[0]}\nFrame2: {blocks[1]}\nFrame3: {blocks[2]}\n{blocks[3]}\n"
+    assert prompt.token_ids == tokenizer(text + "What happens?<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
+    assert prompt.image_tokens == 30
+
+
+def test_a_skeleton_is_the_text_tokenized_once_and_filled_per_answer(tokenizer):
+    """One tokenizer call for the whole conversation; each video has its num_segments frame lines,
+    and the length with every image and frame empty is the empty-filled prompt's."""
+    messages = (
+        ChatMessage("user", (TextPart("a <IMG_CONTEXT>"), IMG, VideoPart(b"v", 2, 1), TextPart("b"))),
+        ChatMessage("assistant", (TextPart("c"),)),
+        ChatMessage("user", (IMG, TextPart("d"))),
+    )
+    builder = PromptBuilder(tokenizer, "Be kind.")
+    calls: list[list[str]] = []
+    builder.tokenizer = lambda texts, **kwargs: calls.append(texts) or tokenizer(texts, **kwargs)
+    skeleton = builder.skeleton(messages)
+    assert len(calls) == 1 and skeleton.media == (None, 2, None)
+    layouts = [MediaLayout((4, 4)), MediaLayout((2, 3), frame_tiles=(1, 1)), MediaLayout((5,))]
+    builder.tokenizer = tokenizer
+    assert skeleton.fill(layouts) == builder.build(messages, layouts)
+    empty = [MediaLayout(()), MediaLayout((), frame_tiles=(0, 0)), MediaLayout(())]
+    assert skeleton.min_tokens == len(skeleton.fill(empty).token_ids) == len(builder.build(messages, empty).token_ids)
+    assert 151667 not in skeleton.fill(empty).token_ids  # the user's "<IMG_CONTEXT>" stays text
+    with pytest.raises(ValueError, match="1 frames for 2 frame lines"):
+        skeleton.fill([layouts[0], MediaLayout((2,), frame_tiles=(1,)), layouts[2]])
+    with pytest.raises(ValueError, match="2 media layouts for a prompt with 3"):
+        skeleton.fill(layouts[:2])
+
+
 def test_configured_system_prompt_is_prepended(tokenizer):
     with_system = PromptBuilder(tokenizer, system_prompt="Be kind.").build(HI, [])
     expected = _reference(tokenizer, (ChatMessage("system", (TextPart("Be kind."),)), *HI), [])
