@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 
 import torch
 
@@ -23,8 +24,6 @@ def configure_torch(threads: int, cpus: tuple[int, ...] = ()) -> None:
 
 def bind_cpus(cpus: tuple[int, ...]) -> None:
     """Bind every thread of this process, and the threads it starts later, to `cpus`."""
-    import sys
-
     allowed = os.sched_getaffinity(0)
     if not set(cpus) <= allowed:
         print(f"error: cpus {list(cpus)}: this process may use only CPUs {sorted(allowed)}", file=sys.stderr)
@@ -78,7 +77,6 @@ def server_args(prog: str, description: str, argv: list[str] | None, replica: bo
     """Every server's start: tie it to its launcher (die_with_parent), parse its command line and
     load its config; exits with status 2 on a config error."""
     import argparse
-    import sys
 
     from pipeline.config import ConfigError, load_config, parse_override
 
