@@ -10,8 +10,9 @@ V + L. Vision-only and LLM-only run on DvD's servers, so each single stage is th
 exactly the CPUs it has inside DvD. Off by default: back to back on the 2-core development
 machine, it did not raise efficiency (0.86 / 0.82 bound against 0.87 / 0.89 unbound, whole /
 steady, at 896 px), and every earlier figure was measured unbound.
-Loads: closed-loop concurrency at three image sizes (about 1, 5 and 10 tiles) and fixed
-Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity). A
+Loads: closed-loop concurrency at three image sizes (about 1, 5 and 10 tiles; `--requests` per
+run at the middle size, where the targets are, and `--other-size-requests` at the others) and
+fixed Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity). A
 closed loop starts with all its workers' requests at once; TTFT p99 is reported over every
 request and, separately, over those after that first wave. Pipeline efficiency = DvD req/s
 divided by min(vision-only req/s, LLM-only req/s): vision-only sends the same images straight
@@ -196,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="bind each server to CPUs of its own (needs vision + llm threads CPUs)")
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--requests", type=int, default=48,
-                        help="requests per run (a closed loop's first wave and final drain weigh less in longer runs)")
+                        help="requests per run at --rate-size (a closed loop's first wave and final drain weigh less "
+                             "in longer runs)")
+    parser.add_argument("--other-size-requests", type=int, default=32,
+                        help="requests per closed-loop run at the other sizes (default 32: 1344 px alone took half "
+                             "of a 48-request bench)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="closed-loop rounds, interleaved and pooled in the report (N rounds take N times longer)")
     parser.add_argument("--output-tokens", type=int, default=32)
@@ -220,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         fractions = []
     if not fractions or not all(f > 0 for f in fractions):
         parser.error(f"--rate-fractions must be numbers > 0, got {args.rate_fractions!r}")
+    if args.requests < 1 or args.other_size_requests < 1:
+        parser.error("--requests and --other-size-requests must be >= 1")
 
     vision_cpus, llm_cpus = _cpus(args, parser)
 
@@ -260,14 +267,15 @@ def main(argv: list[str] | None = None) -> int:
         for round_index in range(args.rounds):
             suffix = f" ({round_index + 1}/{args.rounds})" if args.rounds > 1 else ""
             for workload in loads:
+                requests = args.requests if workload.name == args.rate_size else args.other_size_requests
                 closed_runs[("vision-only", workload.name)].append(
-                    _vision_only(deployments["dvd"], workload, args.requests, args.concurrency,
+                    _vision_only(deployments["dvd"], workload, requests, args.concurrency,
                                  f"vision-only {workload.name}{suffix}"))
                 for setup, load in (("dvd", workload), ("llm-only", texts[workload.name]),
                                     ("colocated-b", workload), ("colocated-a", workload)):
                     deployment = deployments["dvd" if setup == "llm-only" else setup]
                     closed_runs[(setup, workload.name)].append(
-                        _run(deployment, load, args.requests, f"{setup} {workload.name}{suffix}",
+                        _run(deployment, load, requests, f"{setup} {workload.name}{suffix}",
                              concurrency=args.concurrency))
 
         closed = {key: summarize(results) for key, results in closed_runs.items()}

@@ -39,8 +39,9 @@ def free_port_base(span: int) -> int:
 def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> None:
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
-    argv = ["--model", "tiny", "--sizes", "448px", "--requests", "4", "--concurrency", "2",
-            "--unloaded-requests", "1", "--rate-fractions", "1.0", "--port-base", str(free_port_base(60))]
+    argv = ["--model", "tiny", "--sizes", "448px,896px", "--rate-size", "448px", "--requests", "4",
+            "--other-size-requests", "2", "--concurrency", "2", "--unloaded-requests", "1",
+            "--rate-fractions", "1.0", "--port-base", str(free_port_base(60))]
     bind = len(os.sched_getaffinity(0)) >= 2
     argv += ["--bind-cpus"] if bind else []
     assert bench.main(argv) == 0
@@ -58,12 +59,15 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
     for run in result["runs"]:
         assert run["errors"] == 0 and run["completed"] == run["requests"], run
         assert run["request_throughput"] > 0
+    closed_requests = {(run["workload"], run["requests"]) for run in result["runs"] if run["load"] == "closed-2"}
+    assert closed_requests == {("448px", 4), ("896px", 2)}  # --requests at the rate size, fewer elsewhere
 
-    assert [row["comparison"][:3] for row in result["ratios"]] == ["(a)", "(b)"]
+    assert [row["comparison"][:3] for row in result["ratios"]] == ["(a)", "(b)"] * 2
     for row in result["ratios"]:
         assert math.isclose(row["throughput_ratio"], row["dvd_req_s"] / row["colocated_req_s"])
-    (efficiency,) = result["efficiency"]
-    assert 0 < efficiency["pipeline_efficiency"] < math.inf
+    assert [row["workload"] for row in result["efficiency"]] == ["448px", "896px"]
+    for efficiency in result["efficiency"]:
+        assert 0 < efficiency["pipeline_efficiency"] < math.inf
     assert result["args"]["bind_cpus"] == bind
 
 
@@ -72,6 +76,14 @@ def test_bench_refuses_a_rate_size_it_does_not_run(capsys) -> None:
         bench.main(["--sizes", "448px", "--rate-size", "896px"])
     assert stop.value.code == 2
     assert "--rate-size 896px is not one of --sizes 448px" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--requests", "--other-size-requests"])
+def test_bench_refuses_runs_without_requests(flag, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        bench.main([flag, "0"])
+    assert stop.value.code == 2
+    assert "--requests and --other-size-requests must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fractions", ["0", "0.5,-1", "fast"])
