@@ -31,7 +31,9 @@ from pipeline.grpc_server import (
     ApiKeyInterceptor,
     AsyncAdminService,
     ErrorInterceptor,
+    TlsError,
     add_health_and_reflection,
+    server_credentials,
     server_info,
     server_options,
 )
@@ -68,6 +70,7 @@ async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVisio
     the engine thread, instead of by vision servers.
     """
     lc = config.language
+    credentials = server_credentials(lc)
     checkpoint = open_model(config.model.path, config.model.format)
     model, loaded = LanguageModel.from_checkpoint(checkpoint, lc.device, getattr(torch, lc.dtype))
     tokenizer = load_tokenizer(checkpoint)
@@ -105,12 +108,14 @@ async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVisio
     admin_pb2_grpc.add_AdminServicer_to_server(AsyncAdminService(info), server)
     health = add_health_and_reflection(server, ["dvd.v1.Generation", "dvd.v1.Admin"], aio=True)
     address = f"{lc.host}:{lc.grpc_port}"
-    if not server.add_insecure_port(address):
+    bound = server.add_insecure_port(address) if credentials is None else server.add_secure_port(address, credentials)
+    if not bound:
         raise RuntimeError(f"cannot bind the gRPC API to {address}")
     await server.start()
     await health.set("", SERVING)
     await health.set("dvd.v1.Generation", SERVING)
-    ready = {"address": address, "mode": config.mode, "system_prompt": prompts.system_prompt}
+    tls = "off" if credentials is None else "mutual" if lc.tls_client_ca else "on"
+    ready = {"address": address, "mode": config.mode, "system_prompt": prompts.system_prompt, "tls": tls}
     log.info(f"{role} server ready", extra=ready)
     try:
         await stop.wait()
@@ -128,6 +133,11 @@ def run_until_signalled(
 ) -> None:
     """The process's main: logging, torch threads and /metrics, then `serve` until SIGTERM or SIGINT."""
     setup_logging(role, config.log_level)
+    try:
+        server_credentials(config.language)  # a bad certificate stops start-up before anything loads
+    except TlsError as exc:
+        log.error(str(exc))
+        raise SystemExit(2) from None
     configure_torch(config.language.threads, config.language.cpus)
     start_metrics(config.language.host, config.language.metrics_port)
 

@@ -34,11 +34,13 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--stop", action="append", default=[])
     chat.add_argument("--api-key", default="")
+    _tls_arguments(chat)
     chat.add_argument("--timings", action="store_true", help="print usage and stage timings to stderr")
 
     info = commands.add_parser("info", help="describe the model a server is serving")
     info.add_argument("--address", default="127.0.0.1:50051")
     info.add_argument("--api-key", default="")
+    _tls_arguments(info)
 
     commands.add_parser("tiny", help="generate the tiny default model (both formats) and print its location")
 
@@ -48,6 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+
+
+def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls-ca", default=None, help="PEM CA the server's certificate must chain to (turns TLS on)")
+    parser.add_argument("--tls-cert", default=None, help="PEM client certificate, for servers that require mutual TLS")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+
+
+def _connect(args: argparse.Namespace):
+    from pipeline.client import DvDClient
+
+    return DvDClient(
+        args.address, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+    )
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -89,6 +105,7 @@ def _ready_message(deployment) -> str:
     except ValueError:
         pass
     key = f" --api-key {shlex.quote(config.language.api_key)}" if config.language.api_key else ""
+    key += _tls_flags(config.language)
     lines = [
         f"dvd: ready - model {config.model.name or config.model.path} ({config.mode})",
         f"  gRPC API      {deployment.address}  (dvd.v1.Generation; health and reflection on)",
@@ -108,6 +125,17 @@ def _ready_message(deployment) -> str:
         "Ctrl-C stops both servers.",
     ]
     return "\n".join(lines)
+
+
+def _tls_flags(lc) -> str:
+    """The client flags that reach a TLS API: its own certificate as the root of trust and, with
+    mutual TLS, a client certificate signed by tls_client_ca (placeholders: only its owner has one)."""
+    if not lc.tls_cert:
+        return ""
+    flags = f" --tls-ca {shlex.quote(lc.tls_cert)}"
+    if lc.tls_client_ca:
+        flags += " --tls-cert CLIENT.pem --tls-key CLIENT.key"
+    return flags
 
 
 def _sample_image() -> Path:
@@ -132,7 +160,7 @@ def _sample_image() -> Path:
 def _chat(args: argparse.Namespace) -> int:
     import grpc
 
-    from pipeline.client import DvDClient, image, message, sampling, video
+    from pipeline.client import image, message, sampling, video
 
     parts = [image(p) for p in args.image] + [video(p) for p in args.video] + [args.prompt]
     messages = ([message("system", args.system)] if args.system else []) + [message("user", *parts)]
@@ -145,7 +173,7 @@ def _chat(args: argparse.Namespace) -> int:
     }
     params = sampling(**{k: v for k, v in options.items() if v is not None}, stop=args.stop)
     try:
-        with DvDClient(args.address, api_key=args.api_key) as client:
+        with _connect(args) as client:
             for event in client.stream(messages, params):
                 if event.HasField("delta"):
                     sys.stdout.write(event.delta.text)
@@ -162,9 +190,7 @@ def _chat(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from pipeline.client import DvDClient
-
-    with DvDClient(args.address, api_key=args.api_key) as client:
+    with _connect(args) as client:
         print(client.model_info())
     return 0
 

@@ -40,13 +40,39 @@ def sampling(**kwargs) -> pb.SamplingParameters:
     return pb.SamplingParameters(**kwargs)
 
 
-class DvDClient:
-    """Blocking client of dvd.v1.Generation."""
+def channel_credentials(
+    ca: str | None = None, cert: str | None = None, key: str | None = None
+) -> grpc.ChannelCredentials:
+    """TLS credentials from PEM files: `ca` is the root the server must chain to (None = the system
+    roots); `cert` and `key` are this client's identity for mutual TLS."""
+    if bool(cert) != bool(key):
+        raise ValueError("a TLS client certificate needs its private key, and the key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=Path(ca).read_bytes() if ca else None,
+        private_key=Path(key).read_bytes() if key else None,
+        certificate_chain=Path(cert).read_bytes() if cert else None,
+    )
 
-    def __init__(self, address: str, api_key: str = "", timeout_s: float = 600.0) -> None:
-        self.channel = grpc.insecure_channel(
-            address, options=[("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
-        )
+
+class DvDClient:
+    """Blocking client of dvd.v1.Generation; TLS when any of `tls_ca`, `tls_cert`, `tls_key` (PEM
+    file paths) is given, mutual TLS with `tls_cert` and `tls_key`."""
+
+    def __init__(
+        self,
+        address: str,
+        api_key: str = "",
+        timeout_s: float = 600.0,
+        tls_ca: str | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
+    ) -> None:
+        options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
+        if tls_ca or tls_cert or tls_key:
+            credentials = channel_credentials(tls_ca, tls_cert, tls_key)
+            self.channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
         self.stub = generate_pb2_grpc.GenerationStub(self.channel)
         self.metadata = [("authorization", f"Bearer {api_key}")] if api_key else []
         self.timeout_s = timeout_s

@@ -27,6 +27,7 @@ from pipeline.config_fields import (
     positive,
     same_host,
     set_dotted,
+    tls_files,
 )
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -164,6 +165,9 @@ class LanguageConfig:
     max_vision_requests: int = 64  # requests whose media are being encoded or transferred
     max_llm_requests: int = 256  # requests inside the engine (running or queued)
     api_key: str = ""  # when set, clients must send "authorization: Bearer <key>"
+    tls_cert: str = ""  # PEM certificate chain of the public API; set with tls_key = TLS on
+    tls_key: str = ""  # PEM private key of tls_cert
+    tls_client_ca: str = ""  # PEM CA bundle; set = mutual TLS (clients present a certificate it signed)
     max_num_seqs: int = 64  # sequences in one engine step
     max_num_batched_tokens: int = 2048  # tokens in one engine step; longer prompts are prefilled in chunks
     block_size: int = 16  # tokens per KV-cache block
@@ -205,6 +209,7 @@ class LanguageConfig:
         distinct_ports(self.endpoints(), "language.")
         for address in self.vision_servers:
             host_port(address, "vision_servers")
+        tls_files(self)
 
     def endpoints(self) -> list[tuple[str, int]]:
         """(key, port) of every port the language server binds."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import types
 import typing
 from typing import Any, Literal
@@ -155,3 +156,23 @@ def host_port(address: str, key: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) <= 65535:
         raise ValueError(f"{key}: expected host:port, got {address!r}")
     return host, int(port)
+
+
+def tls_files(obj: Any) -> None:
+    """`obj.tls_cert`, `tls_key`, `tls_client_ca`: the cert and key come together, a client CA needs
+    them, and every file named can be read (whether it holds valid PEM is checked at server start)."""
+    if bool(obj.tls_cert) != bool(obj.tls_key):
+        given, missing = ("tls_cert", "tls_key") if obj.tls_cert else ("tls_key", "tls_cert")
+        raise ValueError(f"{given}: set without {missing}; TLS needs both a certificate chain and its private key")
+    if obj.tls_client_ca and not obj.tls_cert:
+        raise ValueError("tls_client_ca: mutual TLS needs tls_cert and tls_key too")
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = getattr(obj, name)
+        if not path:
+            continue
+        if not os.path.exists(path):
+            raise ValueError(f"{name}: no such file: {path!r}")
+        if not os.path.isfile(path):
+            raise ValueError(f"{name}: not a file: {path!r}")
+        if not os.access(path, os.R_OK):
+            raise ValueError(f"{name}: cannot read {path!r} (permission denied)")

@@ -1,10 +1,11 @@
-"""gRPC plumbing shared by the servers: the error interceptor, API keys, health, reflection."""
+"""gRPC plumbing shared by the servers: the error interceptor, API keys, TLS, health, reflection."""
 
 from __future__ import annotations
 
 import inspect
 import logging
 import os
+import ssl
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -104,6 +105,45 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+
+
+class TlsError(ValueError):
+    """A TLS certificate, key or CA file cannot be used."""
+
+
+def server_credentials(lc: Any) -> grpc.ServerCredentials | None:
+    """TLS credentials of the public API from `language.tls_*` (None when TLS is off); mutual TLS
+    (clients must present a certificate signed by tls_client_ca) when tls_client_ca is set.
+
+    The files are checked here, so that a malformed PEM stops start-up with a TlsError naming the
+    key and the file instead of failing every handshake later."""
+    if not lc.tls_cert:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(lc.tls_cert, lc.tls_key)
+    except (ssl.SSLError, OSError) as exc:
+        raise TlsError(
+            f"language.tls_cert / language.tls_key ({lc.tls_cert}, {lc.tls_key}): not a PEM certificate chain "
+            f"and its matching private key: {exc}"
+        ) from None
+    client_ca = None
+    if lc.tls_client_ca:
+        try:
+            context.load_verify_locations(cafile=lc.tls_client_ca)
+        except (ssl.SSLError, OSError) as exc:
+            raise TlsError(f"language.tls_client_ca ({lc.tls_client_ca}): not a PEM CA bundle: {exc}") from None
+        client_ca = _read(lc.tls_client_ca)
+    return grpc.ssl_server_credentials(
+        [(_read(lc.tls_key), _read(lc.tls_cert))],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as file:
+        return file.read()
 
 
 def add_health_and_reflection(server: Any, service_names: list[str], aio: bool) -> Any:

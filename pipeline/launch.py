@@ -15,7 +15,8 @@ from typing import IO, Any, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pipeline.config import DvDConfig, load_config
+from pipeline.config import DvDConfig, LanguageConfig, load_config
+from pipeline.config_fields import same_host
 from pipeline.process import launched_env
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 
@@ -40,6 +41,7 @@ class ServerProcess:
     health_address: str
     log_path: Path | None = None
     api_key: str = ""  # sent with the Admin call that checks who answers at health_address
+    tls: TlsDial | None = None  # how to reach health_address when it serves TLS
     process: subprocess.Popen | None = None
     _log_file: IO[bytes] | None = field(default=None, repr=False)
     _terminated: bool = field(default=False, repr=False)
@@ -78,8 +80,8 @@ class ServerProcess:
         """Wait until this process (not another one holding its port) is healthy; on failure a
         LaunchError with how the process ended and its log tail. StartInterrupted once `cancelled()`."""
         try:
-            wait_healthy(self.health_address, timeout_s, lambda: self.alive, cancelled)
-            check_owner(self.health_address, self.process.pid, self.api_key)
+            wait_healthy(self.health_address, timeout_s, lambda: self.alive, cancelled, self.tls)
+            check_owner(self.health_address, self.process.pid, self.api_key, self.tls)
         except StartInterrupted:
             raise
         except LaunchError as exc:
@@ -105,17 +107,49 @@ class ServerProcess:
             self._log_file = None
 
 
+@dataclass(frozen=True)
+class TlsDial:
+    """The launcher's TLS settings for the language server's port: it trusts the server's own
+    certificate (tls_cert) and, with mutual TLS, presents that certificate and key as its client
+    identity, so the server's certificate must also be one that tls_client_ca accepts."""
+
+    root: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+    server_name: str = ""  # TLS name checked in place of the dialled host; "" = the host
+
+    @classmethod
+    def of(cls, lc: LanguageConfig) -> TlsDial | None:
+        if not lc.tls_cert:
+            return None
+        cert, key = Path(lc.tls_cert).read_bytes(), Path(lc.tls_key).read_bytes()
+        mutual = bool(lc.tls_client_ca)
+        # a wildcard bind address is no name a certificate holds: check the certificate for localhost
+        name = "localhost" if same_host(lc.host, "") else ""
+        return cls(cert, cert if mutual else None, key if mutual else None, name)
+
+    def channel(self, address: str) -> grpc.Channel:
+        credentials = grpc.ssl_channel_credentials(self.root, self.key, self.cert)
+        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        return grpc.secure_channel(address, credentials, options=options)
+
+
+def _channel(address: str, tls: TlsDial | None) -> grpc.Channel:
+    return grpc.insecure_channel(address) if tls is None else tls.channel(address)
+
+
 def wait_healthy(
     address: str,
     timeout_s: float,
     is_alive: Callable[[], bool] = lambda: True,
     cancelled: Callable[[], bool] = lambda: False,
+    tls: TlsDial | None = None,
 ) -> None:
     """Block until the gRPC health service at `address` reports SERVING (or raise LaunchError).
 
     Whatever answers there counts; ServerProcess.wait_ready also checks that it is its own process."""
     deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if cancelled():
@@ -134,10 +168,10 @@ def wait_healthy(
     raise LaunchError(f"{address} did not become healthy within {timeout_s:g} s")
 
 
-def check_owner(address: str, pid: int, api_key: str = "") -> None:
+def check_owner(address: str, pid: int, api_key: str = "", tls: TlsDial | None = None) -> None:
     """Raise LaunchError unless the DvD server answering at `address` is process `pid`."""
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
-    with grpc.insecure_channel(address) as channel:
+    with _channel(address, tls) as channel:
         try:
             info = admin_pb2_grpc.AdminStub(channel).GetServerInfo(
                 admin_pb2.GetServerInfoRequest(), timeout=OWNER_CHECK_S, metadata=metadata
@@ -189,7 +223,7 @@ class Deployment:
             name, argv = "colocated", [sys.executable, "-m", "pipeline.colocated", *common]
         else:
             name, argv = "language", [sys.executable, "-m", "language_server", *common]
-        servers.append(ServerProcess(name, argv, self.address, api_key=lc.api_key))
+        servers.append(ServerProcess(name, argv, self.address, api_key=lc.api_key, tls=TlsDial.of(lc)))
         if self.log_dir is not None:
             self.log_dir.mkdir(parents=True, exist_ok=True)
             for server in servers:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -138,3 +139,29 @@ def test_colocated_on_a_two_gpu_config_names_the_fix():
     with pytest.raises(ConfigError) as info:
         load_config(CONFIGS[0].parent / "internvl3_5-8b.yaml", {"mode": "colocated"})
     assert "internvl3_5-8b.yaml" in str(info.value) and "set vision.device to it" in str(info.value)
+
+
+def test_tls_files_are_checked_at_load(tmp_path):
+    pem = tmp_path / "server.pem"
+    pem.write_text("-----BEGIN CERTIFICATE-----\n")
+    unreadable = tmp_path / "unreadable.key"
+    unreadable.write_text("")
+    unreadable.chmod(0)
+    cases = [
+        ({"language.tls_cert": str(pem)}, "language.tls_cert: set without tls_key"),
+        ({"language.tls_key": str(pem)}, "language.tls_key: set without tls_cert"),
+        ({"language.tls_client_ca": str(pem)}, "language.tls_client_ca: mutual TLS needs tls_cert and tls_key"),
+        ({"language.tls_cert": str(tmp_path / "absent.pem"), "language.tls_key": str(pem)},
+         f"language.tls_cert: no such file: '{tmp_path / 'absent.pem'}'"),
+        ({"language.tls_cert": str(pem), "language.tls_key": str(pem), "language.tls_client_ca": str(tmp_path)},
+         f"language.tls_client_ca: not a file: '{tmp_path}'"),
+    ]
+    if not os.access(unreadable, os.R_OK):  # root reads anything
+        cases.append(({"language.tls_cert": str(pem), "language.tls_key": str(unreadable)},
+                      f"language.tls_key: cannot read '{unreadable}'"))
+    for override, expected in cases:
+        with pytest.raises(ConfigError) as info:
+            load_config(CONFIGS[0].parent / "tiny.yaml", override)
+        assert expected in str(info.value) and "tiny.yaml" in str(info.value)
+    tls = load_config(CONFIGS[0].parent / "tiny.yaml", {"language.tls_cert": str(pem), "language.tls_key": str(pem)})
+    assert tls.language.tls_cert == str(pem)
