@@ -141,6 +141,37 @@ def server_credentials(lc: Any) -> grpc.ServerCredentials | None:
     )
 
 
+def client_identity_error(cert: str, key: str, client_ca: str) -> str | None:
+    """Why a server requiring certificates signed by `client_ca` would refuse a client presenting
+    `cert` and `key` (None: it would accept it). A TLS handshake between two in-memory ends."""
+    try:
+        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_side.load_cert_chain(cert, key)
+        server_side.load_verify_locations(cafile=client_ca)
+        server_side.verify_mode = ssl.CERT_REQUIRED
+        client_side = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        client_side.check_hostname = False
+        client_side.verify_mode = ssl.CERT_NONE
+        client_side.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:
+        return str(exc)
+    pipes = [ssl.MemoryBIO() for _ in range(4)]
+    client = client_side.wrap_bio(pipes[0], pipes[1])
+    server = server_side.wrap_bio(pipes[2], pipes[3], server_side=True)
+    for _ in range(8):  # a TLS 1.2 or 1.3 handshake needs fewer flights
+        for end, outgoing, peer in ((client, pipes[1], pipes[2]), (server, pipes[3], pipes[0])):
+            try:
+                end.do_handshake()
+                if end is server:
+                    return None
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass
+            except ssl.SSLError as exc:
+                return getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            peer.write(outgoing.read())
+    return "the handshake did not complete"
+
+
 def _read(path: str) -> bytes:
     with open(path, "rb") as file:
         return file.read()

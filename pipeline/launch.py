@@ -242,6 +242,7 @@ class Deployment:
             from pipeline.tiny_model import tiny_model_dir
 
             tiny_model_dir("original" if self.config.model.format == "original" else "hf")
+        self._check_launcher_identity()
         try:
             for server in self.servers:
                 server.start(self.env)
@@ -252,6 +253,23 @@ class Deployment:
             self.stop()
             raise
         return self
+
+    def _check_launcher_identity(self) -> None:
+        """Under mutual TLS the launcher presents the server's own certificate (TlsDial): refuse to
+        start, rather than wait out the timeout, when tls_client_ca would not accept it."""
+        lc = self.config.language
+        if not lc.tls_client_ca:
+            return
+        from pipeline.grpc_server import client_identity_error
+
+        why = client_identity_error(lc.tls_cert, lc.tls_key, lc.tls_client_ca)
+        if why is not None:
+            raise LaunchError(
+                f"language.tls_client_ca ({lc.tls_client_ca}) does not accept language.tls_cert ({lc.tls_cert}) "
+                f"as a client certificate: {why}. The launcher presents tls_cert and tls_key to check the "
+                "server's health, so under mutual TLS tls_cert must be signed by tls_client_ca and allow "
+                "client authentication (extendedKeyUsage clientAuth, or no extendedKeyUsage)"
+            )
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every server, then SIGKILL whatever is left after the timeout."""

@@ -112,3 +112,14 @@ def test_a_malformed_certificate_stops_start_up_with_the_key_named(pki, tmp_path
         Deployment(TINY_CONFIG, overrides, log_dir=tmp_path).start(timeout_s=120)
     assert "language.tls_cert" in str(info.value) and "garbage.pem" in str(info.value)
     assert "exit status 2" in str(info.value) and "Traceback" not in str(info.value)
+
+
+def test_mutual_tls_the_launcher_cannot_pass_is_refused_before_any_server_starts(pki, tmp_path):
+    """The launcher's client identity is tls_cert; a tls_client_ca that does not sign it would only
+    show as a health check timing out."""
+    overrides = {**port_overrides(), **_tls(pki, mutual=True), "language.tls_client_ca": pki["other-ca"]}
+    deployment = Deployment(TINY_CONFIG, overrides, log_dir=tmp_path)
+    with pytest.raises(LaunchError) as info:
+        deployment.start(timeout_s=120)
+    assert "language.tls_client_ca" in str(info.value) and "unable to get local issuer certificate" in str(info.value)
+    assert all(server.process is None for server in deployment.servers)
