@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from pipeline.config import ConfigError, parse_override
+from pipeline.config_fields import wildcard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,9 +107,12 @@ def _ready_message(deployment) -> str:
         pass
     key = f" --api-key {shlex.quote(config.language.api_key)}" if config.language.api_key else ""
     key += _tls_flags(config.language)
+    address = deployment.address
+    if config.language.tls_cert and wildcard(config.language.host):  # a certificate names no wildcard address
+        address = f"localhost:{config.language.grpc_port}"
     lines = [
         f"dvd: ready - model {config.model.name or config.model.path} ({config.mode})",
-        f"  gRPC API      {deployment.address}  (dvd.v1.Generation; health and reflection on)",
+        f"  gRPC API      {deployment.address}  (dvd.v1.Generation{_tls_note(config.language)}; health and reflection on)",
     ]
     if config.mode == "decoupled" and config.language.vision_servers:
         lines.append(f"  vision        external: {', '.join(config.language.vision_servers)}")
@@ -119,12 +123,16 @@ def _ready_message(deployment) -> str:
     lines += [
         "",
         "Try, in another terminal:",
-        f"  {python} -m pipeline chat --address {deployment.address}{key} --image {sample} "
+        f"  {python} -m pipeline chat --address {address}{key} --image {sample} "
         '"What is in this image?"',
         "",
         "Ctrl-C stops both servers.",
     ]
     return "\n".join(lines)
+
+
+def _tls_note(lc) -> str:
+    return "" if not lc.tls_cert else " over mutual TLS" if lc.tls_client_ca else " over TLS"
 
 
 def _tls_flags(lc) -> str:

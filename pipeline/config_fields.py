@@ -147,8 +147,13 @@ def distinct_ports(endpoints: list[tuple[str, int]], prefix: str) -> None:
 _ANY_HOST = ("", "0.0.0.0", "::", "[::]", "*")
 
 
+def wildcard(host: str) -> bool:
+    """A bind address meaning every interface."""
+    return host in _ANY_HOST
+
+
 def same_host(a: str, b: str) -> bool:
-    return a == b or a in _ANY_HOST or b in _ANY_HOST
+    return a == b or wildcard(a) or wildcard(b)
 
 
 def host_port(address: str, key: str) -> tuple[str, int]:

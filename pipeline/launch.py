@@ -16,7 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeline.config import DvDConfig, LanguageConfig, load_config
-from pipeline.config_fields import same_host
+from pipeline.config_fields import wildcard
 from pipeline.process import launched_env
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 
@@ -125,7 +125,7 @@ class TlsDial:
         cert, key = Path(lc.tls_cert).read_bytes(), Path(lc.tls_key).read_bytes()
         mutual = bool(lc.tls_client_ca)
         # a wildcard bind address is no name a certificate holds: check the certificate for localhost
-        name = "localhost" if same_host(lc.host, "") else ""
+        name = "localhost" if wildcard(lc.host) else ""
         return cls(cert, cert if mutual else None, key if mutual else None, name)
 
     def channel(self, address: str) -> grpc.Channel:

@@ -103,7 +103,7 @@ def test_mutual_tls_serves_only_clients_with_a_certificate(mutual_deployment, pk
         answer = client.generate(HELLO, TWO_TOKENS)
     assert answer.text and answer.usage.completion_tokens == 2
     banner = cli._ready_message(mutual_deployment)
-    assert "--tls-cert CLIENT.pem --tls-key CLIENT.key" in banner
+    assert "over mutual TLS" in banner and "--tls-cert CLIENT.pem --tls-key CLIENT.key" in banner
 
 
 def test_a_malformed_certificate_stops_start_up_with_the_key_named(pki, tmp_path):
