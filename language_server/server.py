@@ -31,12 +31,11 @@ from pipeline.grpc_server import (
     ApiKeyInterceptor,
     AsyncAdminService,
     ErrorInterceptor,
-    TlsError,
     add_health_and_reflection,
-    server_credentials,
     server_info,
     server_options,
 )
+from pipeline.tls import TlsError, server_credentials
 from proto.dvd.v1 import admin_pb2_grpc, generate_pb2_grpc
 
 log = logging.getLogger(__name__)

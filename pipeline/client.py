@@ -7,6 +7,7 @@ from typing import Iterator
 
 import grpc
 
+from pipeline.tls import channel_credentials
 from proto.dvd.v1 import generate_pb2 as pb
 from proto.dvd.v1 import generate_pb2_grpc
 
@@ -38,20 +39,6 @@ def message(role: str, *parts: str | pb.ContentPart) -> pb.Message:
 def sampling(**kwargs) -> pb.SamplingParameters:
     """SamplingParameters from keyword arguments (max_new_tokens=..., temperature=..., stop=[...])."""
     return pb.SamplingParameters(**kwargs)
-
-
-def channel_credentials(
-    ca: str | None = None, cert: str | None = None, key: str | None = None
-) -> grpc.ChannelCredentials:
-    """TLS credentials from PEM files: `ca` is the root the server must chain to (None = the system
-    roots); `cert` and `key` are this client's identity for mutual TLS."""
-    if bool(cert) != bool(key):
-        raise ValueError("a TLS client certificate needs its private key, and the key its certificate")
-    return grpc.ssl_channel_credentials(
-        root_certificates=Path(ca).read_bytes() if ca else None,
-        private_key=Path(key).read_bytes() if key else None,
-        certificate_chain=Path(cert).read_bytes() if cert else None,
-    )
 
 
 class DvDClient:

@@ -1,11 +1,10 @@
-"""gRPC plumbing shared by the servers: the error interceptor, API keys, TLS, health, reflection."""
+"""gRPC plumbing shared by the servers: the error interceptor, API keys, health, reflection."""
 
 from __future__ import annotations
 
 import inspect
 import logging
 import os
-import ssl
 from typing import Any, Awaitable, Callable
 
 import grpc
@@ -105,76 +104,6 @@ def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-
-
-class TlsError(ValueError):
-    """A TLS certificate, key or CA file cannot be used."""
-
-
-def server_credentials(lc: Any) -> grpc.ServerCredentials | None:
-    """TLS credentials of the public API from `language.tls_*` (None when TLS is off); mutual TLS
-    (clients must present a certificate signed by tls_client_ca) when tls_client_ca is set.
-
-    The files are checked here, so that a malformed PEM stops start-up with a TlsError naming the
-    key and the file instead of failing every handshake later."""
-    if not lc.tls_cert:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(lc.tls_cert, lc.tls_key)
-    except (ssl.SSLError, OSError) as exc:
-        raise TlsError(
-            f"language.tls_cert / language.tls_key ({lc.tls_cert}, {lc.tls_key}): not a PEM certificate chain "
-            f"and its matching private key: {exc}"
-        ) from None
-    client_ca = None
-    if lc.tls_client_ca:
-        try:
-            context.load_verify_locations(cafile=lc.tls_client_ca)
-        except (ssl.SSLError, OSError) as exc:
-            raise TlsError(f"language.tls_client_ca ({lc.tls_client_ca}): not a PEM CA bundle: {exc}") from None
-        client_ca = _read(lc.tls_client_ca)
-    return grpc.ssl_server_credentials(
-        [(_read(lc.tls_key), _read(lc.tls_cert))],
-        root_certificates=client_ca,
-        require_client_auth=client_ca is not None,
-    )
-
-
-def client_identity_error(cert: str, key: str, client_ca: str) -> str | None:
-    """Why a server requiring certificates signed by `client_ca` would refuse a client presenting
-    `cert` and `key` (None: it would accept it). A TLS handshake between two in-memory ends."""
-    try:
-        server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        server_side.load_cert_chain(cert, key)
-        server_side.load_verify_locations(cafile=client_ca)
-        server_side.verify_mode = ssl.CERT_REQUIRED
-        client_side = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        client_side.check_hostname = False
-        client_side.verify_mode = ssl.CERT_NONE
-        client_side.load_cert_chain(cert, key)
-    except (ssl.SSLError, OSError) as exc:
-        return str(exc)
-    pipes = [ssl.MemoryBIO() for _ in range(4)]
-    client = client_side.wrap_bio(pipes[0], pipes[1])
-    server = server_side.wrap_bio(pipes[2], pipes[3], server_side=True)
-    for _ in range(8):  # a TLS 1.2 or 1.3 handshake needs fewer flights
-        for end, outgoing, peer in ((client, pipes[1], pipes[2]), (server, pipes[3], pipes[0])):
-            try:
-                end.do_handshake()
-                if end is server:
-                    return None
-            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
-                pass
-            except ssl.SSLError as exc:
-                return getattr(exc, "verify_message", None) or exc.reason or str(exc)
-            peer.write(outgoing.read())
-    return "the handshake did not complete"
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as file:
-        return file.read()
 
 
 def add_health_and_reflection(server: Any, service_names: list[str], aio: bool) -> Any:

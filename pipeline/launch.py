@@ -15,9 +15,9 @@ from typing import IO, Any, Callable
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from pipeline.config import DvDConfig, LanguageConfig, load_config
-from pipeline.config_fields import wildcard
+from pipeline.config import DvDConfig, load_config
 from pipeline.process import launched_env
+from pipeline.tls import TlsDial, client_identity_error
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 
 HEALTH_ATTEMPT_S = 1.0
@@ -105,33 +105,6 @@ class ServerProcess:
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
-
-
-@dataclass(frozen=True)
-class TlsDial:
-    """The launcher's TLS settings for the language server's port: it trusts the server's own
-    certificate (tls_cert) and, with mutual TLS, presents that certificate and key as its client
-    identity, so the server's certificate must also be one that tls_client_ca accepts."""
-
-    root: bytes
-    cert: bytes | None = None
-    key: bytes | None = None
-    server_name: str = ""  # TLS name checked in place of the dialled host; "" = the host
-
-    @classmethod
-    def of(cls, lc: LanguageConfig) -> TlsDial | None:
-        if not lc.tls_cert:
-            return None
-        cert, key = Path(lc.tls_cert).read_bytes(), Path(lc.tls_key).read_bytes()
-        mutual = bool(lc.tls_client_ca)
-        # a wildcard bind address is no name a certificate holds: check the certificate for localhost
-        name = "localhost" if wildcard(lc.host) else ""
-        return cls(cert, cert if mutual else None, key if mutual else None, name)
-
-    def channel(self, address: str) -> grpc.Channel:
-        credentials = grpc.ssl_channel_credentials(self.root, self.key, self.cert)
-        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
-        return grpc.secure_channel(address, credentials, options=options)
 
 
 def _channel(address: str, tls: TlsDial | None) -> grpc.Channel:
@@ -260,8 +233,6 @@ class Deployment:
         lc = self.config.language
         if not lc.tls_client_ca:
             return
-        from pipeline.grpc_server import client_identity_error
-
         why = client_identity_error(lc.tls_cert, lc.tls_key, lc.tls_client_ca)
         if why is not None:
             raise LaunchError(
