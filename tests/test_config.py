@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline import config_fields
 from pipeline.config import ConfigError, DvDConfig, config_from_dict, load_config, parse_override, to_dict
 
 CONFIGS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
@@ -141,12 +142,13 @@ def test_colocated_on_a_two_gpu_config_names_the_fix():
     assert "internvl3_5-8b.yaml" in str(info.value) and "set vision.device to it" in str(info.value)
 
 
-def test_tls_files_are_checked_at_load(tmp_path):
+def test_tls_files_are_checked_at_load(tmp_path, monkeypatch):
     pem = tmp_path / "server.pem"
     pem.write_text("-----BEGIN CERTIFICATE-----\n")
     unreadable = tmp_path / "unreadable.key"
     unreadable.write_text("")
-    unreadable.chmod(0)
+    real_access = os.access  # root can read any file: the check is told that this one is unreadable
+    monkeypatch.setattr(config_fields.os, "access", lambda path, mode: path != str(unreadable) and real_access(path, mode))
     cases = [
         ({"language.tls_cert": str(pem)}, "language.tls_cert: set without tls_key"),
         ({"language.tls_key": str(pem)}, "language.tls_key: set without tls_cert"),
@@ -156,9 +158,8 @@ def test_tls_files_are_checked_at_load(tmp_path):
         ({"language.tls_cert": str(pem), "language.tls_key": str(pem), "language.tls_client_ca": str(tmp_path)},
          f"language.tls_client_ca: not a file: '{tmp_path}'"),
     ]
-    if not os.access(unreadable, os.R_OK):  # root reads anything
-        cases.append(({"language.tls_cert": str(pem), "language.tls_key": str(unreadable)},
-                      f"language.tls_key: cannot read '{unreadable}'"))
+    cases.append(({"language.tls_cert": str(pem), "language.tls_key": str(unreadable)},
+                  f"language.tls_key: cannot read '{unreadable}'"))
     for override, expected in cases:
         with pytest.raises(ConfigError) as info:
             load_config(CONFIGS[0].parent / "tiny.yaml", override)
