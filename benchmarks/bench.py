@@ -62,6 +62,8 @@ from proto.dvd.v1 import generate_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "tiny.yaml"
+PORT_BASE = 26000
+PORTS_PER_SETUP = 20
 
 
 @dataclass
@@ -94,7 +96,7 @@ class Setup:
 
 
 def _ports(index: int, base: int) -> dict[str, int]:
-    start = base + 20 * index
+    start = base + PORTS_PER_SETUP * index
     return {
         "vision.job_port": start,
         "vision.grpc_port": start + 1,
@@ -213,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
                              "req/s at --rate-size, e.g. 0.5,0.75,1.0 for TTFT against load")
     parser.add_argument("--unloaded-requests", type=int, default=6,
                         help="requests sent one at a time to each setup at --rate-size (latency without queueing)")
-    parser.add_argument("--port-base", type=int, default=46000)
+    parser.add_argument("--port-base", type=int, default=PORT_BASE,
+                        help=f"first of {PORTS_PER_SETUP} ports per setup (default {PORT_BASE}: below Linux's "
+                             "ephemeral ports, 32768-60999, any of which an outgoing connection may hold)")
     args = parser.parse_args(argv)
     sizes = args.sizes.split(",")
     args.rate_size = args.rate_size or sizes[len(sizes) // 2]

@@ -107,3 +107,12 @@ def test_bench_refuses_binding_without_enough_cpus(monkeypatch, capsys) -> None:
         bench.main(["--bind-cpus", "--sizes", "448px"])
     assert stop.value.code == 2
     assert "--bind-cpus needs 2 CPUs (vision + llm threads); this process may use 1" in capsys.readouterr().err
+
+
+def test_default_ports_lie_below_the_ephemeral_range() -> None:
+    """A fixed port inside the kernel's ephemeral range can be held by any outgoing connection
+    (it once stopped `make bench` when the vision-only receiver bound one)."""
+    low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    setups = 3
+    assert bench.PORT_BASE + setups * bench.PORTS_PER_SETUP <= low
+
