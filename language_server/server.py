@@ -35,7 +35,7 @@ from pipeline.grpc_server import (
     server_info,
     server_options,
 )
-from pipeline.tls import TlsError, server_credentials
+from pipeline.tls import TlsError, server_credentials, tls_mode
 from proto.dvd.v1 import admin_pb2_grpc, generate_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -62,14 +62,18 @@ def load_tokenizer(checkpoint: Checkpoint):
     return tokenizer
 
 
-async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVision | None = None) -> None:
+async def serve(
+    config: DvDConfig,
+    stop: asyncio.Event,
+    credentials: grpc.ServerCredentials | None = None,
+    local_vision: LocalVision | None = None,
+) -> None:
     """Load the LLM, start the engine and the API, and serve until `stop` is set.
 
     With `local_vision` (the colocated baseline) images are encoded in this process, inline on
     the engine thread, instead of by vision servers.
     """
     lc = config.language
-    credentials = server_credentials(lc)
     checkpoint = open_model(config.model.path, config.model.format)
     model, loaded = LanguageModel.from_checkpoint(checkpoint, lc.device, getattr(torch, lc.dtype))
     tokenizer = load_tokenizer(checkpoint)
@@ -113,8 +117,7 @@ async def serve(config: DvDConfig, stop: asyncio.Event, local_vision: LocalVisio
     await server.start()
     await health.set("", SERVING)
     await health.set("dvd.v1.Generation", SERVING)
-    tls = "off" if credentials is None else "mutual" if lc.tls_client_ca else "on"
-    ready = {"address": address, "mode": config.mode, "system_prompt": prompts.system_prompt, "tls": tls}
+    ready = {"address": address, "mode": config.mode, "system_prompt": prompts.system_prompt, "tls": tls_mode(lc)}
     log.info(f"{role} server ready", extra=ready)
     try:
         await stop.wait()
@@ -133,7 +136,7 @@ def run_until_signalled(
     """The process's main: logging, torch threads and /metrics, then `serve` until SIGTERM or SIGINT."""
     setup_logging(role, config.log_level)
     try:
-        server_credentials(config.language)  # a bad certificate stops start-up before anything loads
+        credentials = server_credentials(config.language)  # a bad certificate stops start-up before anything loads
     except TlsError as exc:
         log.error(str(exc))
         raise SystemExit(2) from None
@@ -145,6 +148,6 @@ def run_until_signalled(
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(config, stop, None if make_local_vision is None else make_local_vision())
+        await serve(config, stop, credentials, None if make_local_vision is None else make_local_vision())
 
     asyncio.run(main())

@@ -132,7 +132,9 @@ def _ready_message(deployment) -> str:
 
 
 def _tls_note(lc) -> str:
-    return "" if not lc.tls_cert else " over mutual TLS" if lc.tls_client_ca else " over TLS"
+    from pipeline.tls import tls_mode
+
+    return {"off": "", "on": " over TLS", "mutual": " over mutual TLS"}[tls_mode(lc)]
 
 
 def _tls_flags(lc) -> str:

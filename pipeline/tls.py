@@ -48,6 +48,11 @@ def server_credentials(lc: Any) -> grpc.ServerCredentials | None:
     )
 
 
+def tls_mode(lc: Any) -> str:
+    """"off", "on" or "mutual": how the public API of `language` settings `lc` is served."""
+    return "off" if not lc.tls_cert else "mutual" if lc.tls_client_ca else "on"
+
+
 def client_identity_error(cert: str, key: str, client_ca: str) -> str | None:
     """Why a server requiring certificates signed by `client_ca` would refuse a client presenting
     `cert` and `key` (None: it would accept it). A TLS handshake between two in-memory ends."""
@@ -99,22 +104,21 @@ class TlsDial:
     certificate (tls_cert) and, with mutual TLS, presents that certificate and key as its client
     identity, so the server's certificate must also be one that tls_client_ca accepts."""
 
-    root: bytes
-    cert: bytes | None = None
-    key: bytes | None = None
+    root: str  # PEM files
+    cert: str | None = None
+    key: str | None = None
     server_name: str = ""  # TLS name checked in place of the dialled host; "" = the host
 
     @classmethod
     def of(cls, lc: Any) -> TlsDial | None:
         if not lc.tls_cert:
             return None
-        cert, key = Path(lc.tls_cert).read_bytes(), Path(lc.tls_key).read_bytes()
         mutual = bool(lc.tls_client_ca)
         # a wildcard bind address is no name a certificate holds: check the certificate for localhost
         name = "localhost" if wildcard(lc.host) else ""
-        return cls(cert, cert if mutual else None, key if mutual else None, name)
+        return cls(lc.tls_cert, lc.tls_cert if mutual else None, lc.tls_key if mutual else None, name)
 
     def channel(self, address: str) -> grpc.Channel:
-        credentials = grpc.ssl_channel_credentials(self.root, self.key, self.cert)
+        credentials = channel_credentials(self.root, self.cert, self.key)
         options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
         return grpc.secure_channel(address, credentials, options=options)
