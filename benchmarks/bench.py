@@ -47,9 +47,9 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from benchmarks import comparison
+from benchmarks import comparison, server_cpu
 from benchmarks.load import LoadResult, RequestRecord, run_load, summarize
 from benchmarks.models import NAMES, bench_model
 from benchmarks.report import RESULTS, Progress, write_json
@@ -108,9 +108,18 @@ def _ports(index: int, base: int) -> dict[str, int]:
 
 
 def _run(deployment: Deployment, workload: Workload, total: int, label: str, **load: Any) -> LoadResult:
-    return asyncio.run(
+    return _metered(deployment, lambda: asyncio.run(
         run_load(deployment.address, workload.request, total, progress=Progress(total, label), **load)
-    )
+    ))
+
+
+def _metered(deployment: Deployment, run: Callable[[], LoadResult]) -> LoadResult:
+    """`run()`, with the CPU seconds each of the deployment's servers spent meanwhile."""
+    pids = server_cpu.server_pids(deployment)
+    before = server_cpu.snapshot(pids)
+    result = run()
+    result.server_cpu_s = server_cpu.spent(before, server_cpu.snapshot(pids))
+    return result
 
 
 def _warm(deployment: Deployment, workload: Workload, count: int) -> None:
@@ -179,7 +188,7 @@ def _vision_only(deployment: Deployment, workload: Workload, total: int, concurr
         result.finished = time.perf_counter()
         return result
 
-    return asyncio.run(run())
+    return _metered(deployment, lambda: asyncio.run(run()))
 
 
 def main(argv: list[str] | None = None) -> int:

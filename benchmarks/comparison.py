@@ -21,7 +21,15 @@ def efficiency(closed: dict, workload: str) -> dict[str, Any]:
         row |= {f"{kind}dvd_req_s": dvd, f"{kind}vision_only_req_s": vision, f"{kind}llm_only_req_s": llm,
                 f"{kind}pipeline_efficiency": _ratio(dvd, min(vision, llm))}
     row["errors"] = sum(closed[(setup, workload)]["errors"] for setup in ("dvd", "vision-only", "llm-only"))
+    row["dvd_vision_cpu_cores"], row["dvd_language_cpu_cores"] = server_cores(closed[("dvd", workload)])
     return row
+
+
+def server_cores(summary: dict[str, Any]) -> tuple[float, float]:
+    """(vision servers', language or colocated server's) CPU cores busy over a run; NaN where unmeasured."""
+    vision = [v for k, v in summary.items() if k.startswith("vision-") and k.endswith("_cpu_cores")]
+    language = [v for k, v in summary.items() if k in ("language_cpu_cores", "colocated_cpu_cores")]
+    return (sum(vision) if vision else float("nan"), sum(language) if language else float("nan"))
 
 
 def ratios(closed: dict, workloads: list[str]) -> list[dict[str, Any]]:
@@ -78,7 +86,14 @@ def markdown(report: dict[str, Any]) -> str:
          ("vision_only_req_s", "vision-only req/s"),
          ("llm_only_req_s", "LLM-only req/s"), ("pipeline_efficiency", "efficiency"),
          ("steady_dvd_req_s", "steady DvD req/s"), ("steady_vision_only_req_s", "steady vision-only req/s"),
-         ("steady_llm_only_req_s", "steady LLM-only req/s"), ("steady_pipeline_efficiency", "steady efficiency")],
+         ("steady_llm_only_req_s", "steady LLM-only req/s"), ("steady_pipeline_efficiency", "steady efficiency"),
+         ("dvd_vision_cpu_cores", "DvD vision server CPU"), ("dvd_language_cpu_cores", "DvD language server CPU")],
+    )
+    cpu = markdown_table(
+        [{"setup": run["setup"], "workload": run["workload"], "load": run["load"],
+          **dict(zip(("vision", "language"), server_cores(run)))} for run in report["runs"]],
+        [("setup", "setup"), ("workload", "images"), ("load", "load"), ("vision", "vision server(s)"),
+         ("language", "language or colocated server")],
     )
     fixed_rate = markdown_table(
         _rate_rows(report["runs"]),
@@ -100,6 +115,10 @@ def markdown(report: dict[str, Any]) -> str:
     return (f"## Runs\n\n{runs}\n\n{sample_note}\n\n## DvD vs colocated (closed loop)\n\n{ratio_table}\n\n"
             f"## Fixed arrival rate (capacity = mean of DvD's and (b)'s closed-loop req/s)\n\n{fixed_rate}\n\n"
             f"## Pipeline efficiency\n\n{efficiency_table}\n\n"
+            "DvD server CPU: cores each of DvD's servers kept busy during its closed-loop run (CPU seconds "
+            "of every thread of the process / wall seconds). With one thread per server, the slower "
+            "stage's figure is how much of the run the pipeline kept that stage at work.\n\n"
+            f"## CPU cores busy per server process during each run\n\n{cpu}\n\n"
             f"## Where the time goes at {report['args']['rate_size']} (mean seconds per request, server-side "
             f"spans)\n\n{stages}\n")
 

@@ -48,6 +48,7 @@ class LoadResult:
     started: float = 0.0
     finished: float = 0.0
     first_wave: int = 0  # requests sent together at the start (a closed loop's concurrency)
+    server_cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per server process during the run
 
     def summary(self) -> dict[str, float | list[float | None]]:
         return summarize([self])
@@ -86,6 +87,7 @@ def summarize(results: list[LoadResult]) -> dict[str, float | list[float | None]
         "ttft_mean_s": statistics.fmean(ttft) if ttft else float("nan"),
         "ttft_by_send_order_s": [r.ttft_s for r in records],
         **_span_means(ok),
+        **_cpu_cores(results, wall),
     }
 
 
@@ -100,6 +102,12 @@ def _span_means(records: list[RequestRecord]) -> dict[str, float]:
         f"{span}_mean_s": statistics.fmean(getattr(t, f"{span}_ms") for t in timed) / 1000 if timed else float("nan")
         for span in SPANS
     }
+
+
+def _cpu_cores(results: list[LoadResult], wall: float) -> dict[str, float]:
+    """`<server>_cpu_cores`: the CPU seconds each server process spent over the runs' wall time."""
+    names = {name for result in results for name in result.server_cpu_s}
+    return {f"{name}_cpu_cores": sum(r.server_cpu_s.get(name, 0.0) for r in results) / wall for name in sorted(names)}
 
 
 def _steady_throughput(results: list[LoadResult]) -> float:

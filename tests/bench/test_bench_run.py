@@ -68,6 +68,13 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
     assert [row["workload"] for row in result["efficiency"]] == ["448px", "896px"]
     for efficiency in result["efficiency"]:
         assert 0 < efficiency["pipeline_efficiency"] < math.inf
+        # each DvD server did work during DvD's run, and no process can use more cores than exist
+        assert 0 < efficiency["dvd_vision_cpu_cores"] <= os.cpu_count()
+        assert 0 < efficiency["dvd_language_cpu_cores"] <= os.cpu_count()
+    cpu = {(run["setup"], run["workload"], run["load"]): run for run in result["runs"]}
+    assert cpu[("llm-only", "448px", "closed-2")]["language_cpu_cores"] > 0
+    assert cpu[("colocated-b", "448px", "closed-2")]["colocated_cpu_cores"] > 0
+    assert "## CPU cores busy per server process" in path.with_suffix(".md").read_text()
     assert result["args"]["bind_cpus"] == bind
 
 

@@ -86,3 +86,14 @@ def test_fixed_rate_requests_are_timed_from_their_scheduled_arrival() -> None:
     sent = [r.sent for r in result.records]
     assert all(math.isclose(b - a, gap, abs_tol=1e-9) for a, b, gap in zip(sent, sent[1:], gaps))
     assert all(r.error for r in result.records)  # nothing listens on the discard port
+
+
+def test_server_cpu_is_pooled_over_the_runs_wall_time() -> None:
+    first = closed_loop([1.0, 2.0, 3.0, 4.0], concurrency=1)  # 4 s
+    first.server_cpu_s = {"vision-0": 2.0, "language": 4.0}
+    second = closed_loop([2.0, 4.0, 6.0], concurrency=1)  # 6 s
+    second.server_cpu_s = {"vision-0": 3.0, "language": 5.0}
+    summary = summarize([first, second])
+    assert summary["vision-0_cpu_cores"] == 5.0 / 10
+    assert summary["language_cpu_cores"] == 9.0 / 10
+    assert not any(key.endswith("_cpu_cores") for key in summarize([closed_loop([1.0], concurrency=1)]))
