@@ -21,8 +21,20 @@ def efficiency(closed: dict, workload: str) -> dict[str, Any]:
         row |= {f"{kind}dvd_req_s": dvd, f"{kind}vision_only_req_s": vision, f"{kind}llm_only_req_s": llm,
                 f"{kind}pipeline_efficiency": _ratio(dvd, min(vision, llm))}
     row["errors"] = sum(closed[(setup, workload)]["errors"] for setup in ("dvd", "vision-only", "llm-only"))
-    row["dvd_vision_cpu_cores"], row["dvd_language_cpu_cores"] = server_cores(closed[("dvd", workload)])
+    dvd = closed[("dvd", workload)]
+    row["dvd_vision_cpu_cores"], row["dvd_language_cpu_cores"] = server_cores(dvd)
+    # CPU seconds per completed request of each stage, inside DvD and alone: with the busy fractions
+    # above they split a shortfall into pipeline bubbles and stages slowed by running side by side
+    for stage, alone, index in (("vision", "vision-only", 0), ("language", "llm-only", 1)):
+        row[f"dvd_{stage}_cpu_s_per_request"] = _per_request(dvd, server_cores(dvd)[index])
+        single = closed[(alone, workload)]
+        row[f"alone_{stage}_cpu_s_per_request"] = _per_request(single, server_cores(single)[index])
     return row
+
+
+def _per_request(summary: dict[str, Any], cores: float) -> float:
+    """CPU seconds per completed request; NaN where the CPU was not measured."""
+    return _ratio(cores * summary["wall_s"], summary["completed"]) if cores == cores else float("nan")
 
 
 def server_cores(summary: dict[str, Any]) -> tuple[float, float]:
@@ -86,8 +98,16 @@ def markdown(report: dict[str, Any]) -> str:
          ("vision_only_req_s", "vision-only req/s"),
          ("llm_only_req_s", "LLM-only req/s"), ("pipeline_efficiency", "efficiency"),
          ("steady_dvd_req_s", "steady DvD req/s"), ("steady_vision_only_req_s", "steady vision-only req/s"),
-         ("steady_llm_only_req_s", "steady LLM-only req/s"), ("steady_pipeline_efficiency", "steady efficiency"),
-         ("dvd_vision_cpu_cores", "DvD vision server CPU"), ("dvd_language_cpu_cores", "DvD language server CPU")],
+         ("steady_llm_only_req_s", "steady LLM-only req/s"), ("steady_pipeline_efficiency", "steady efficiency")],
+    )
+    stage_cpu = markdown_table(
+        report["efficiency"],
+        [("workload", "images"), ("dvd_vision_cpu_cores", "DvD vision server busy (cores)"),
+         ("dvd_vision_cpu_s_per_request", "vision CPU s/request in DvD"),
+         ("alone_vision_cpu_s_per_request", "vision-only"),
+         ("dvd_language_cpu_cores", "DvD language server busy (cores)"),
+         ("dvd_language_cpu_s_per_request", "LLM CPU s/request in DvD"),
+         ("alone_language_cpu_s_per_request", "LLM-only")],
     )
     cpu = markdown_table(
         [{"setup": run["setup"], "workload": run["workload"], "load": run["load"],
@@ -115,9 +135,11 @@ def markdown(report: dict[str, Any]) -> str:
     return (f"## Runs\n\n{runs}\n\n{sample_note}\n\n## DvD vs colocated (closed loop)\n\n{ratio_table}\n\n"
             f"## Fixed arrival rate (capacity = mean of DvD's and (b)'s closed-loop req/s)\n\n{fixed_rate}\n\n"
             f"## Pipeline efficiency\n\n{efficiency_table}\n\n"
-            "DvD server CPU: cores each of DvD's servers kept busy during its closed-loop run (CPU seconds "
-            "of every thread of the process / wall seconds). With one thread per server, the slower "
-            "stage's figure is how much of the run the pipeline kept that stage at work.\n\n"
+            f"Each stage's CPU in DvD's closed loop and alone (CPU seconds of every thread of a server "
+            f"process): busy cores = CPU seconds / wall seconds; with one thread per server, the slower "
+            f"stage's figure is how much of the run the pipeline kept it at work. CPU seconds per request "
+            f"higher in DvD than alone mean the stage ran slower beside the other one (shared caches, "
+            f"memory bandwidth, or a slow spell between the runs).\n\n{stage_cpu}\n\n"
             f"## CPU cores busy per server process during each run\n\n{cpu}\n\n"
             f"## Where the time goes at {report['args']['rate_size']} (mean seconds per request, server-side "
             f"spans)\n\n{stages}\n")

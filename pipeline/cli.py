@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _tls_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tls", action="store_true",
+                        help="TLS, trusting the system's root certificates (a server with a public certificate)")
     parser.add_argument("--tls-ca", default=None, help="PEM CA the server's certificate must chain to (turns TLS on)")
     parser.add_argument("--tls-cert", default=None, help="PEM client certificate, for servers that require mutual TLS")
     parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
@@ -63,7 +65,8 @@ def _connect(args: argparse.Namespace):
     from pipeline.client import DvDClient
 
     return DvDClient(
-        args.address, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key
+        args.address, api_key=args.api_key, tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        tls=args.tls,
     )
 
 

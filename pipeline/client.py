@@ -42,8 +42,9 @@ def sampling(**kwargs) -> pb.SamplingParameters:
 
 
 class DvDClient:
-    """Blocking client of dvd.v1.Generation; TLS when any of `tls_ca`, `tls_cert`, `tls_key` (PEM
-    file paths) is given, mutual TLS with `tls_cert` and `tls_key`."""
+    """Blocking client of dvd.v1.Generation. TLS when `tls` is set or any of `tls_ca`, `tls_cert`,
+    `tls_key` (PEM file paths) is given: the server's certificate must chain to `tls_ca`, or without
+    it to the system's roots; mutual TLS with `tls_cert` and `tls_key`."""
 
     def __init__(
         self,
@@ -53,9 +54,10 @@ class DvDClient:
         tls_ca: str | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        tls: bool = False,
     ) -> None:
         options = [("grpc.max_send_message_length", 256 << 20), ("grpc.max_receive_message_length", 256 << 20)]
-        if tls_ca or tls_cert or tls_key:
+        if tls or tls_ca or tls_cert or tls_key:
             credentials = channel_credentials(tls_ca, tls_cert, tls_key)
             self.channel = grpc.secure_channel(address, credentials, options=options)
         else:

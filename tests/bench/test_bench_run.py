@@ -71,6 +71,8 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
         # each DvD server did work during DvD's run, and no process can use more cores than exist
         assert 0 < efficiency["dvd_vision_cpu_cores"] <= os.cpu_count()
         assert 0 < efficiency["dvd_language_cpu_cores"] <= os.cpu_count()
+        for key in ("dvd_vision", "alone_vision", "dvd_language", "alone_language"):
+            assert 0 < efficiency[f"{key}_cpu_s_per_request"] < math.inf
     cpu = {(run["setup"], run["workload"], run["load"]): run for run in result["runs"]}
     assert cpu[("llm-only", "448px", "closed-2")]["language_cpu_cores"] > 0
     assert cpu[("colocated-b", "448px", "closed-2")]["colocated_cpu_cores"] > 0

@@ -8,8 +8,11 @@ from benchmarks import comparison
 
 
 def summary(req_s: float, steady_req_s: float, ttft_p99: float = 1.0, after_first_wave: float = 0.5,
-            errors: int = 0) -> dict:
+            errors: int = 0, **cpu_cores: float) -> dict:
     return {
+        "wall_s": 10.0,
+        "completed": round(req_s * 10),
+        **{f"{server.replace('_', '-')}_cpu_cores": cores for server, cores in cpu_cores.items()},
         "errors": errors,
         "request_throughput": req_s,
         "steady_request_throughput": steady_req_s,
@@ -19,11 +22,11 @@ def summary(req_s: float, steady_req_s: float, ttft_p99: float = 1.0, after_firs
 
 
 CLOSED = {
-    ("dvd", "896px"): summary(1.5, 1.6, ttft_p99=3.0, after_first_wave=2.0),
+    ("dvd", "896px"): summary(1.5, 1.6, ttft_p99=3.0, after_first_wave=2.0, vision_0=0.6, language=0.9),
     ("colocated-a", "896px"): summary(0.75, 0.8, ttft_p99=6.0),
     ("colocated-b", "896px"): summary(1.2, 2.0, ttft_p99=4.0, after_first_wave=2.5),
-    ("vision-only", "896px"): summary(2.0, 2.0),
-    ("llm-only", "896px"): summary(1.6, 3.2),
+    ("vision-only", "896px"): summary(2.0, 2.0, vision_0=1.0, language=0.01),
+    ("llm-only", "896px"): summary(1.6, 3.2, language=1.0),
 }
 
 
@@ -40,6 +43,19 @@ def test_efficiency_divides_by_the_slower_stage_of_each_kind() -> None:
     row = comparison.efficiency(CLOSED, "896px")
     assert row["pipeline_efficiency"] == 1.5 / 1.6  # the LLM is the slower stage over whole runs
     assert row["steady_pipeline_efficiency"] == 1.6 / 2.0  # and vision in the steady state
+
+
+def test_efficiency_splits_into_busy_cores_and_cpu_per_request() -> None:
+    row = comparison.efficiency(CLOSED, "896px")
+    assert (row["dvd_vision_cpu_cores"], row["dvd_language_cpu_cores"]) == (0.6, 0.9)
+    # 10 s runs: DvD completed 15 requests, vision-only 20, LLM-only 16
+    assert math.isclose(row["dvd_language_cpu_s_per_request"], 0.9 * 10 / 15)
+    assert math.isclose(row["alone_language_cpu_s_per_request"], 1.0 * 10 / 16)
+    assert math.isclose(row["dvd_vision_cpu_s_per_request"], 0.6 * 10 / 15)
+    assert math.isclose(row["alone_vision_cpu_s_per_request"], 1.0 * 10 / 20)
+    unmeasured = {key: {k: v for k, v in s.items() if not k.endswith("_cpu_cores")} for key, s in CLOSED.items()}
+    row = comparison.efficiency(unmeasured, "896px")
+    assert math.isnan(row["dvd_language_cpu_cores"]) and math.isnan(row["alone_vision_cpu_s_per_request"])
 
 
 def test_markdown_pairs_fixed_rate_runs_by_their_fraction() -> None:

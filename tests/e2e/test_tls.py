@@ -5,8 +5,10 @@ deployments' health and admin services over TLS (else they would not start)."""
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import grpc
@@ -82,6 +84,17 @@ def test_a_tls_client_trusting_the_servers_ca_is_served(tls_deployment, pki):
 def test_plaintext_and_wrongly_trusting_clients_are_refused(tls_deployment, pki):
     assert _refusal(tls_deployment.address, api_key=KEY) == grpc.StatusCode.UNAVAILABLE
     assert _refusal(tls_deployment.address, api_key=KEY, tls_ca=pki["other-ca"]) == grpc.StatusCode.UNAVAILABLE
+
+
+def test_tls_with_the_system_roots_trusts_only_those_roots(tls_deployment, pki):
+    # our throwaway CA is in no system store, so plain `--tls` must refuse the server ...
+    assert _refusal(tls_deployment.address, api_key=KEY, tls=True) == grpc.StatusCode.UNAVAILABLE
+    # ... and is served once gRPC's default roots are that CA (a fresh process: gRPC reads them once)
+    env = {**os.environ, "GRPC_DEFAULT_SSL_ROOTS_FILE_PATH": pki["ca"]}
+    info = subprocess.run([sys.executable, "-m", "pipeline", "info", "--address", tls_deployment.address,
+                           "--api-key", KEY, "--tls"], env=env, capture_output=True, text=True, timeout=120)
+    assert info.returncode == 0, info.stderr
+    assert "max_model_len" in info.stdout
 
 
 def test_tls_does_not_replace_the_api_key(tls_deployment, pki):
