@@ -22,8 +22,11 @@ LLM-only, (b) and (a) back to back, and the report pools the rounds. Throughputs
 are given over whole runs and in the closed loop's steady state (`load.summarize`). At the
 middle size each setup also serves a few requests one at a time, and the report gives the mean
 server-side stage spans (vision queue and compute, transfer, LLM queue, prefill, decode) of
-every run there: where each setup's time to first token goes, with and without queueing. Writes
-JSON, Markdown and a PNG to benchmarks/results/.
+every run there: where each setup's time to first token goes, with and without queueing. Every
+run also records the CPU seconds each server process spent during it (`benchmarks/server_cpu.py`):
+the report gives each stage's busy cores in DvD and its CPU seconds per request in DvD and alone,
+which split an efficiency below 1 into pipeline bubbles and stages slowed by running side by side.
+Writes JSON, Markdown and a PNG to benchmarks/results/.
 
 On GPUs (`--device cuda:0 --dtype bfloat16 --model internvl3_5-8b`) the LLM and the colocated
 process use --device, and DvD's vision server --vision-device: a GPU of its own (the paper's
