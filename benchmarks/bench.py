@@ -50,18 +50,15 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from benchmarks import comparison, server_cpu
-from benchmarks.load import LoadResult, RequestRecord, run_load, summarize
+from benchmarks import comparison, server_cpu, single_stage
+from benchmarks.load import LoadResult, run_load, summarize
 from benchmarks.models import NAMES, bench_model
 from benchmarks.report import RESULTS, Progress, write_json
-from benchmarks.workloads import PROMPT, Workload, workloads
-from pipeline.client import message
+from benchmarks.workloads import Workload, workloads
 from pipeline.config import VisionConfig
-from pipeline.errors import DvDError
 from pipeline.launch import Deployment
-from proto.dvd.v1 import generate_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "tiny.yaml"
@@ -111,87 +108,13 @@ def _ports(index: int, base: int) -> dict[str, int]:
 
 
 def _run(deployment: Deployment, workload: Workload, total: int, label: str, **load: Any) -> LoadResult:
-    return _metered(deployment, lambda: asyncio.run(
+    return server_cpu.metered(deployment, lambda: asyncio.run(
         run_load(deployment.address, workload.request, total, progress=Progress(total, label), **load)
     ))
 
 
-def _metered(deployment: Deployment, run: Callable[[], LoadResult]) -> LoadResult:
-    """`run()`, with the CPU seconds each of the deployment's servers spent meanwhile."""
-    pids = server_cpu.server_pids(deployment)
-    before = server_cpu.snapshot(pids)
-    result = run()
-    result.server_cpu_s = server_cpu.spent(before, server_cpu.snapshot(pids))
-    return result
-
-
 def _warm(deployment: Deployment, workload: Workload, count: int) -> None:
     asyncio.run(run_load(deployment.address, workload.request, count, concurrency=count))
-
-
-def _text_twin(workload: Workload, prompt_tokens: int, tokenizer) -> Workload:
-    """Text-only requests with the same prompt length as the image requests (the LLM-only load)."""
-    filler = " ".join(["tile"] * prompt_tokens)
-    ids = tokenizer(filler)["input_ids"][: max(prompt_tokens - 20, 1)]
-    text = tokenizer.decode(ids)
-
-    class TextWorkload(Workload):
-        def request(self, index: int) -> pb.GenerateRequest:
-            return pb.GenerateRequest(
-                request_id=f"text-{index}",
-                messages=[message("user", f"{text} {PROMPT}")],
-                sampling=pb.SamplingParameters(max_new_tokens=self.output_tokens, temperature=0.0, ignore_eos=True),
-            )
-
-    return TextWorkload(workload.name + "-text", workload.side, (), workload.output_tokens)
-
-
-def _vision_only(deployment: Deployment, workload: Workload, total: int, concurrency: int, label: str) -> LoadResult:
-    """Jobs straight to the vision server (no LLM), closed loop at the given concurrency; a
-    request's first token and completion are both its features' arrival."""
-    from dataclasses import replace
-
-    from language_server.vision_client import VisionClient, new_job_id
-    from pipeline.wire import VisionJob
-
-    config = deployment.config
-    receiver_port = config.language.feature_port + 10
-
-    async def run() -> LoadResult:
-        client = VisionClient(replace(config, language=replace(config.language, feature_port=receiver_port)), 0)
-        client.hidden_size = None
-        result = LoadResult(first_wave=concurrency)
-        counter = iter(range(total))
-        progress = Progress(total, label)
-        done = 0
-
-        async def worker() -> None:
-            nonlocal done
-            for index in counter:
-                record = RequestRecord(sent=time.perf_counter())
-                result.records.append(record)
-                job = VisionJob(job_id=new_job_id(), request_id=f"v{index}", kind="image",
-                                data=workload.images[index % len(workload.images)], reply_to="",
-                                max_tiles=config.images.max_tiles)
-                try:
-                    features = await client.encode(job)
-                except DvDError as exc:  # counted like a failed request of the other setups
-                    record.error = f"{type(exc).__name__}: {exc}"
-                else:
-                    features.release()
-                    record.first_token = record.done = time.perf_counter()
-                done += 1
-                progress(done)
-
-        result.started = time.perf_counter()
-        try:
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        finally:
-            client.close()
-        result.finished = time.perf_counter()
-        return result
-
-    return _metered(deployment, lambda: asyncio.run(run()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,8 +198,7 @@ def main(argv: list[str] | None = None) -> int:
             for workload in loads:  # every setup meets every image size before it is measured
                 _warm(deployments[setup.name], workload, 2)
 
-        tokenizer = _tokenizer(model_path)
-        texts = {w.name: _text_twin(w, _prompt_tokens(deployments["dvd"], w), tokenizer) for w in loads}
+        texts = {w.name: single_stage.text_twin(deployments["dvd"], w, model_path) for w in loads}
         closed_runs: dict[tuple[str, str], list[LoadResult]] = defaultdict(list)
         # Each round measures every setup and both single stages once per size, back to back, so
         # that a slow spell of this shared machine falls on all of them rather than on one.
@@ -285,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             for workload in loads:
                 requests = args.requests if workload.name == args.rate_size else args.other_size_requests
                 closed_runs[("vision-only", workload.name)].append(
-                    _vision_only(deployments["dvd"], workload, requests, args.concurrency,
+                    single_stage.vision_only(deployments["dvd"], workload, requests, args.concurrency,
                                  f"vision-only {workload.name}{suffix}"))
                 for setup, load in (("dvd", workload), ("llm-only", texts[workload.name]),
                                     ("colocated-b", workload), ("colocated-a", workload)):
@@ -353,21 +275,6 @@ def _cpus(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[tu
     if len(allowed) < needed:
         parser.error(f"--bind-cpus needs {needed} CPUs (vision + llm threads); this process may use {len(allowed)}")
     return tuple(allowed[: args.vision_threads]), tuple(allowed[args.vision_threads : needed])
-
-
-def _tokenizer(model_path: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(model_path)
-
-
-def _prompt_tokens(deployment: Deployment, workload: Workload) -> int:
-    from pipeline.client import DvDClient
-
-    with DvDClient(deployment.address) as client:
-        request = workload.request(0)
-        request.sampling.max_new_tokens = 1
-        return client.generate(list(request.messages), request.sampling).usage.prompt_tokens
 
 
 if __name__ == "__main__":

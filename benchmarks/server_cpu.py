@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from pipeline.launch import Deployment
+
+if TYPE_CHECKING:
+    from benchmarks.load import LoadResult
 
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -45,3 +49,12 @@ def snapshot(pids: dict[str, int]) -> dict[str, float]:
 def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
     """CPU seconds each server spent between two snapshots (servers present in both)."""
     return {name: after[name] - before[name] for name in before if name in after}
+
+
+def metered(deployment: Deployment, run: Callable[[], LoadResult]) -> LoadResult:
+    """`run()`, with the CPU seconds each of the deployment's servers spent meanwhile."""
+    pids = server_pids(deployment)
+    before = snapshot(pids)
+    result = run()
+    result.server_cpu_s = spent(before, snapshot(pids))
+    return result
