@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ def efficiency(closed: dict, workload: str) -> dict[str, Any]:
 
 def _per_request(summary: dict[str, Any], cores: float) -> float:
     """CPU seconds per completed request; NaN where the CPU was not measured."""
-    return _ratio(cores * summary["wall_s"], summary["completed"]) if cores == cores else float("nan")
+    return float("nan") if math.isnan(cores) else _ratio(cores * summary["wall_s"], summary["completed"])
 
 
 def server_cores(summary: dict[str, Any]) -> tuple[float, float]:
