@@ -23,12 +23,13 @@ def efficiency(closed: dict, workload: str) -> dict[str, Any]:
                 f"{kind}pipeline_efficiency": _ratio(dvd, min(vision, llm))}
     row["errors"] = sum(closed[(setup, workload)]["errors"] for setup in ("dvd", "vision-only", "llm-only"))
     dvd = closed[("dvd", workload)]
-    row["dvd_vision_cpu_cores"], row["dvd_language_cpu_cores"] = server_cores(dvd)
-    # CPU seconds per completed request of each stage, inside DvD and alone: with the busy fractions
-    # above they split a shortfall into pipeline bubbles and stages slowed by running side by side
+    dvd_cores = server_cores(dvd)
+    # CPU seconds per completed request of each stage, inside DvD and alone: with the busy cores
+    # they split a shortfall into pipeline bubbles and stages slowed by running side by side
     for stage, alone, index in (("vision", "vision-only", 0), ("language", "llm-only", 1)):
-        row[f"dvd_{stage}_cpu_s_per_request"] = _per_request(dvd, server_cores(dvd)[index])
         single = closed[(alone, workload)]
+        row[f"dvd_{stage}_cpu_cores"] = dvd_cores[index]
+        row[f"dvd_{stage}_cpu_s_per_request"] = _per_request(dvd, dvd_cores[index])
         row[f"alone_{stage}_cpu_s_per_request"] = _per_request(single, server_cores(single)[index])
     return row
 
@@ -136,10 +137,10 @@ def markdown(report: dict[str, Any]) -> str:
     return (f"## Runs\n\n{runs}\n\n{sample_note}\n\n## DvD vs colocated (closed loop)\n\n{ratio_table}\n\n"
             f"## Fixed arrival rate (capacity = mean of DvD's and (b)'s closed-loop req/s)\n\n{fixed_rate}\n\n"
             f"## Pipeline efficiency\n\n{efficiency_table}\n\n"
-            f"Each stage's CPU in DvD's closed loop and alone (CPU seconds of every thread of a server "
-            f"process): busy cores = CPU seconds / wall seconds; with one thread per server, the slower "
-            f"stage's figure is how much of the run the pipeline kept it at work. CPU seconds per request "
-            f"higher in DvD than alone mean the stage ran slower beside the other one (shared caches, "
+            "Each stage's CPU in DvD's closed loop and alone (CPU seconds of every thread of a server "
+            "process): busy cores = CPU seconds / wall seconds; with one thread per server, the slower "
+            "stage's figure is how much of the run the pipeline kept it at work. CPU seconds per request "
+            "higher in DvD than alone mean the stage ran slower beside the other one (shared caches, "
             f"memory bandwidth, or a slow spell between the runs).\n\n{stage_cpu}\n\n"
             f"## CPU cores busy per server process during each run\n\n{cpu}\n\n"
             f"## Where the time goes at {report['args']['rate_size']} (mean seconds per request, server-side "

@@ -38,12 +38,8 @@ def server_pids(deployment: Deployment) -> dict[str, int]:
 
 def snapshot(pids: dict[str, int]) -> dict[str, float]:
     """CPU seconds so far per server; servers /proc cannot read are left out."""
-    out = {}
-    for name, pid in pids.items():
-        seconds = process_cpu_s(pid)
-        if seconds is not None:
-            out[name] = seconds
-    return out
+    seconds = {name: process_cpu_s(pid) for name, pid in pids.items()}
+    return {name: value for name, value in seconds.items() if value is not None}
 
 
 def spent(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
