@@ -57,13 +57,14 @@ from benchmarks.load import LoadResult, run_load, summarize
 from benchmarks.models import NAMES, bench_model
 from benchmarks.report import RESULTS, Progress, write_json
 from benchmarks.workloads import Workload, workloads
-from pipeline.config import VisionConfig
+from pipeline.config import LanguageConfig, VisionConfig
 from pipeline.launch import Deployment
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "tiny.yaml"
 PORT_BASE = 26000
 PORTS_PER_SETUP = 20
+KV_TOKENS_PER_REQUEST = 4096  # above the longest prompt of any --sizes image (1344 px: about 3,000 tokens)
 
 
 @dataclass
@@ -77,8 +78,9 @@ class Setup:
     vision_cpus: tuple[int, ...] = ()
     llm_cpus: tuple[int, ...] = ()
 
-    def overrides(self, model_path: str, dtype: str, batch_tiles: int) -> dict[str, Any]:
+    def overrides(self, model_path: str, dtype: str, batch_tiles: int, kv_blocks: int) -> dict[str, Any]:
         return {
+            "language.num_kv_blocks": kv_blocks,
             "vision.device": self.vision_device,
             "language.device": self.llm_device,
             "vision.max_batch_tiles": batch_tiles,
@@ -150,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
                              "req/s at --rate-size, e.g. 0.5,0.75,1.0 for TTFT against load")
     parser.add_argument("--unloaded-requests", type=int, default=6,
                         help="requests sent one at a time to each setup at --rate-size (latency without queueing)")
+    parser.add_argument("--kv-blocks", type=int, default=None,
+                        help="KV-cache blocks of the LLM in every setup (default: room for --concurrency requests "
+                             f"of {KV_TOKENS_PER_REQUEST} prompt tokens plus --output-tokens; the same pool for all, "
+                             "whatever memory each process found free when it started)")
     parser.add_argument("--port-base", type=int, default=PORT_BASE,
                         help=f"first of {PORTS_PER_SETUP} ports per setup (default {PORT_BASE}: below Linux's "
                              "ephemeral ports, 32768-60999, any of which an outgoing connection may hold)")
@@ -170,12 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     vision_cpus, llm_cpus = _cpus(args, parser)
 
     started = time.perf_counter()
-    model_path = bench_model(args.model)
+    model_path = bench_model(args.model, args.device)
     loads = workloads(args.output_tokens, sizes)
     total_threads = args.llm_threads + args.vision_threads
     vision_device = args.vision_device or args.device
     if args.vision_batch_tiles is None:
         args.vision_batch_tiles = 1 if vision_device == "cpu" else VisionConfig.max_batch_tiles
+    if args.kv_blocks is None:
+        per_request = -(-(KV_TOKENS_PER_REQUEST + args.output_tokens) // LanguageConfig.block_size)
+        one_longest = -(-LanguageConfig.max_model_len // LanguageConfig.block_size)
+        args.kv_blocks = max(args.concurrency * per_request, one_longest)
     setups = [
         Setup("dvd", "decoupled", args.vision_threads, args.llm_threads, vision_device, args.device,
               vision_cpus, llm_cpus),
@@ -188,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for index, setup in enumerate(setups):
             overrides = {
-                **setup.overrides(str(model_path), args.dtype, args.vision_batch_tiles),
+                **setup.overrides(str(model_path), args.dtype, args.vision_batch_tiles, args.kv_blocks),
                 **_ports(index, args.port_base),
             }
             bound = f"; cpus {list(setup.vision_cpus)} + {list(setup.llm_cpus)}" if setup.llm_cpus else ""

@@ -38,13 +38,14 @@ RANDOM_MODELS = {
 NAMES = ("tiny", *RANDOM_MODELS)
 
 
-def bench_model(name: str) -> Path:
-    """A name from NAMES, or a local checkpoint directory; the path of its HF-native directory."""
+def bench_model(name: str, device: str = "cpu") -> Path:
+    """A name from NAMES, or a local checkpoint directory; the path of its HF-native directory.
+    A random model missing from the cache is generated on `device`."""
     if name == "tiny":
         return tiny_model_dir("hf")
     if name in RANDOM_MODELS:
         directory, vision, text, dtype = RANDOM_MODELS[name]
-        return random_model_dir(directory, vision, text, formats=("hf",), dtype=dtype) / "hf"
+        return random_model_dir(directory, vision, text, formats=("hf",), dtype=dtype, device=device) / "hf"
     path = Path(name).expanduser()
     if not (path / "config.json").exists():
         raise SystemExit(f"{name}: not one of {', '.join(NAMES)} or a checkpoint directory")

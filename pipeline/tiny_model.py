@@ -104,8 +104,11 @@ def random_model_dir(
     text_config: dict | None = None,
     formats: tuple[str, ...] = FORMATS,
     dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> Path:
-    """A random InternVL checkpoint generated once into the cache (file-locked, written atomically)."""
+    """A random InternVL checkpoint generated once into the cache (file-locked, written atomically).
+    `device` draws the weights there: a GPU generates an 8B model in seconds, but its draws differ
+    from the CPU's, so the cached weights depend on where they were first generated."""
     root = cache_root() / name
     done = root / ".complete"
     if not done.exists():
@@ -115,7 +118,8 @@ def random_model_dir(
             if not done.exists():
                 staging = root.with_name(root.name + ".tmp")
                 shutil.rmtree(staging, ignore_errors=True)
-                generate(staging, vision_config=vision_config, text_config=text_config, formats=formats, dtype=dtype)
+                generate(staging, vision_config=vision_config, text_config=text_config, formats=formats, dtype=dtype,
+                         device=device)
                 shutil.rmtree(root, ignore_errors=True)
                 staging.rename(root)
                 (root / ".complete").touch()
@@ -171,10 +175,14 @@ def internvl_config(vision_config: dict | None = None, text_config: dict | None 
 
 
 def build_model(
-    seed: int = 0, vision_config: dict | None = None, text_config: dict | None = None, dtype: torch.dtype = torch.float32
+    seed: int = 0,
+    vision_config: dict | None = None,
+    text_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ):
     """A random InternVLForConditionalGeneration (tiny by default) with weights that make images matter,
-    allocated in `dtype` (the values are drawn in float32 either way)."""
+    allocated in `dtype` on `device` (the values are drawn in float32 either way, by `device`'s generator)."""
     from transformers import InternVLForConditionalGeneration
 
     config = internvl_config(vision_config, text_config)
@@ -182,11 +190,12 @@ def build_model(
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        model = InternVLForConditionalGeneration(config).eval()
+        with torch.device(device):
+            model = InternVLForConditionalGeneration(config).eval()
     finally:
         torch.set_default_dtype(default_dtype)
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    generator = torch.Generator(device).manual_seed(seed)
+    with torch.no_grad(), torch.device(device):
         for name, param in model.named_parameters():
             param.copy_(_init_value(name, param, generator))
     return model
@@ -232,6 +241,7 @@ def generate(
     text_config: dict | None = None,
     formats: tuple[str, ...] = FORMATS,
     dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
 ) -> None:
     """Write a random model in HF-native (root/hf), original (root/original) and Flash (root/flash) formats."""
     from safetensors.torch import save_file
@@ -240,7 +250,9 @@ def generate(
     from pipeline.tiny_flash import write_flash
 
     tokenizer = build_tokenizer()
-    model = build_model(seed, vision_config, text_config, dtype)
+    model = build_model(seed, vision_config, text_config, dtype, device).to("cpu")
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()  # the caller (a benchmark) goes on to start servers on this GPU
     root.mkdir(parents=True)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     if "hf" in formats:

@@ -16,6 +16,9 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+# Where the deployments and the transformers reference run: `DVD_TEST_DEVICE=cuda:0` repeats the
+# end-to-end checks on a GPU (both servers and the reference on it).
+TEST_DEVICE = os.environ.get("DVD_TEST_DEVICE", "cpu")
 
 
 def free_ports(count: int) -> list[int]:
@@ -82,7 +85,7 @@ def _deployments(tmp_path_factory) -> Iterator[Callable[..., Any]]:
 
     def start(overrides: dict[str, Any] | None = None, name: str = "deployment") -> Deployment:
         log_dir = tmp_path_factory.mktemp(name)
-        overrides = overrides or {}
+        overrides = {"vision.device": TEST_DEVICE, "language.device": TEST_DEVICE, **(overrides or {})}
         ports = port_overrides(overrides.get("vision.replicas", 1))
         deployment = Deployment(TINY_CONFIG, {**ports, **overrides}, log_dir=log_dir)
         deployment.start(timeout_s=180)

@@ -15,12 +15,12 @@ from proto.dvd.v1 import generate_pb2 as pb
 class Reference:
     """InternVLForConditionalGeneration with the checkpoint's chat template and GotOcr2 tiling."""
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype) -> None:
+    def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> None:
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
         from pipeline.tiny_model import build_image_processor
 
-        self.model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).eval()
+        self.model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         self.image_processor = build_image_processor()
 
@@ -48,13 +48,15 @@ class Reference:
     @torch.inference_mode()
     def generate(self, conversation: list[dict], max_new_tokens: int) -> list[int]:
         inputs = self.inputs(conversation)
-        out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        placed = {k: v.to(self.model.device) for k, v in inputs.items()}
+        out = self.model.generate(**placed, max_new_tokens=max_new_tokens, do_sample=False)
         return out[0, inputs["input_ids"].shape[1] :].tolist()
 
     @torch.inference_mode()
     def prefill_logprobs(self, conversation: list[dict]) -> torch.Tensor:
-        logits = self.model(**self.inputs(conversation)).logits[0, -1]
-        return logits.float().log_softmax(-1)
+        placed = {k: v.to(self.model.device) for k, v in self.inputs(conversation).items()}
+        logits = self.model(**placed).logits[0, -1]
+        return logits.float().log_softmax(-1).cpu()
 
 
 def to_messages(conversation: list[dict]) -> list[pb.Message]:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.client import sampling
-from tests.conftest import photo_bytes
+from tests.conftest import TEST_DEVICE, photo_bytes
 from tests.reference import Reference, img, text, to_messages
 
 MAX_NEW_TOKENS = 12
@@ -33,7 +33,7 @@ CASES = conversations()
 
 @pytest.fixture(scope="module")
 def reference_fp32(tiny_dirs) -> Reference:
-    return Reference(tiny_dirs["hf"], torch.float32)
+    return Reference(tiny_dirs["hf"], torch.float32, TEST_DEVICE)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -117,5 +117,5 @@ _BF16: dict[str, Reference] = {}
 
 def _bf16_reference(tiny_dirs) -> Reference:
     if "ref" not in _BF16:
-        _BF16["ref"] = Reference(tiny_dirs["hf"], torch.bfloat16)
+        _BF16["ref"] = Reference(tiny_dirs["hf"], torch.bfloat16, TEST_DEVICE)
     return _BF16["ref"]

@@ -10,7 +10,7 @@ import torch
 
 from pipeline.client import sampling
 from pipeline.transport.shm_segments import FREE, PREFIX, SHM_DIR, Segment
-from tests.conftest import photo_bytes
+from tests.conftest import TEST_DEVICE, photo_bytes
 from tests.reference import Reference, img, text, to_messages
 from tests.waiting import wait_until
 
@@ -43,7 +43,7 @@ def deployment(request, start_deployment):
 
 @pytest.fixture(scope="module")
 def reference(tiny_dirs) -> Reference:
-    return Reference(tiny_dirs["hf"], torch.float32)
+    return Reference(tiny_dirs["hf"], torch.float32, TEST_DEVICE)
 
 
 def conversations() -> dict[str, list[dict]]:
