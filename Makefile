@@ -7,8 +7,10 @@ EXTRAS     ?= dev
 CONFIG     ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
+GPU_DEVICE ?= cuda:0
+GPU_TESTS  := tests/e2e/test_equivalence.py tests/e2e/test_transports.py tests/e2e/test_colocated.py
 
-.PHONY: install proto serve test bench bench-vision bench-engine bench-transfer tiny clean
+.PHONY: install proto serve test test-gpu bench bench-vision bench-engine bench-transfer tiny clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +33,11 @@ serve: proto
 
 test: proto
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# On a GPU machine: the end-to-end equivalence, transport and colocated checks with both servers
+# and the transformers reference on $(GPU_DEVICE).
+test-gpu: proto
+	DVD_TEST_DEVICE=$(GPU_DEVICE) $(BIN)/python -m pytest -q $(PYTEST_ARGS) $(GPU_TESTS)
 
 # Benchmarks (not tests): results go to benchmarks/results/ (git-ignored).
 bench: proto

@@ -87,9 +87,7 @@ class SdpaBackend:
         if plan.decode is not None:
             group = plan.decode
             keys, values = meta.kv_cache.read(layer, group.slots)  # [B, L, kv_heads, D]
-            q = query[group.rows].unsqueeze(2)  # [B, heads, 1, D]
-            attended = _sdpa(q, keys.transpose(1, 2), values.transpose(1, 2), group.mask, False, scaling)
-            out[group.rows] = attended.squeeze(2).to(out.dtype)
+            out[group.rows] = decode_sdpa(query[group.rows], keys, values, group.mask, scaling).to(out.dtype)
         for part in plan.prefills:
             rows = slice(part.start, part.start + part.length)
             if part.slots is None:
@@ -101,6 +99,23 @@ class SdpaBackend:
             attended = _sdpa(q, k, v, part.mask, part.mask is None, scaling)
             out[rows] = attended[0].transpose(0, 1).to(out.dtype)
         return out
+
+
+def decode_sdpa(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """One query row per sequence: [B, heads, D] over [B, L, kv_heads, D] -> [B, heads, D].
+
+    The query heads that share a key/value head become that head's query rows (head h reads
+    kv head h // groups), so grouped-query attention needs neither expanded keys nor GQA
+    support; the padding mask [B, 1, 1, L] applies to every row alike.
+    """
+    batch, heads, dim = q.shape
+    kv_heads = k.shape[2]
+    grouped = q.view(batch, kv_heads, heads // kv_heads, dim)
+    k, v = (t.transpose(1, 2).to(q.dtype) for t in (k, v))
+    attended = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scaling)
+    return attended.reshape(batch, heads, dim)
 
 
 def _sdpa(
