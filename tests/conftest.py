@@ -16,8 +16,8 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
-# Where the deployments and the transformers reference run: `DVD_TEST_DEVICE=cuda:0` repeats the
-# end-to-end checks on a GPU (both servers and the reference on it).
+# Where every test deployment's servers run, and the transformers reference of the equivalence and
+# transport tests: `DVD_TEST_DEVICE=cuda:0` (`make test-gpu`) repeats those checks on a GPU.
 TEST_DEVICE = os.environ.get("DVD_TEST_DEVICE", "cpu")
 
 
