@@ -114,23 +114,26 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         token_ids: list[int] = []
         logprobs: list[pb.PositionLogprobs] = []
         first_token: float | None = None
-        async with self.pipeline.language.enter(), aclosing(self.engine.generate(engine_request)) as outputs:
-            async for out in outputs:
-                _raise_engine_error(out, req.request_id)
-                if first_token is None and out.token_ids:
-                    first_token = time.perf_counter()
-                delta = pb.TokenDelta(text=out.text, token_ids=out.token_ids, logprobs=_logprobs(out.logprobs))
-                text.append(out.text)
-                token_ids += out.token_ids
-                logprobs += delta.logprobs
-                if out.token_ids or out.text:
-                    yield pb.GenerateResponse(delta=delta)
-                if out.finished:
-                    done = time.perf_counter()
-                    yield pb.GenerateResponse(
-                        result=self._result(req, out, trace, "".join(text), token_ids, logprobs,
-                                            arrived, first_token or done, done)
-                    )
+        try:
+            async with self.pipeline.language.enter(), aclosing(self.engine.generate(engine_request)) as outputs:
+                async for out in outputs:
+                    _raise_engine_error(out, req.request_id)
+                    if first_token is None and out.token_ids:
+                        first_token = time.perf_counter()
+                    delta = pb.TokenDelta(text=out.text, token_ids=out.token_ids, logprobs=_logprobs(out.logprobs))
+                    text.append(out.text)
+                    token_ids += out.token_ids
+                    logprobs += delta.logprobs
+                    if out.token_ids or out.text:
+                        yield pb.GenerateResponse(delta=delta)
+                    if out.finished:
+                        done = time.perf_counter()
+                        yield pb.GenerateResponse(
+                            result=self._result(req, out, trace, "".join(text), token_ids, logprobs,
+                                                arrived, first_token or done, done)
+                        )
+        finally:
+            trace.cancel()  # features still arriving for a request that ended
 
     def _result(
         self,

@@ -11,17 +11,18 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import AsyncGenerator, Protocol
 
 import torch
 
+from language_server.engine.arriving_rows import ArrivingRows, Placement, place_rows
 from language_server.engine.sampling import SamplingParams
 from language_server.engine.sequence import EngineRequest
 from language_server.prompt import MediaLayout, Prompt, PromptBuilder, PromptSkeleton
 from language_server.request import GenerationRequest, ImagePart, TextPart, VideoPart
 from language_server.vision_client import VisionClient, new_job_id
 from pipeline.config import DvDConfig
-from pipeline.errors import InternalError, InvalidRequest
+from pipeline.errors import DvDError, InternalError, InvalidRequest
 from pipeline.stages import Pipeline, Spans
 from pipeline.wire import FeatureHeader, Features, VisionJob
 
@@ -36,10 +37,24 @@ class MediaTrace:
     payload_bytes: int = 0
     prepare_s: float = 0.0  # time the engine thread spent preparing (colocated only)
 
+    feeder: asyncio.Task | None = None  # receives the parts of answers that come after the first
+
     def record(self, headers: list[FeatureHeader], prompt: Prompt) -> None:
         self.image_tiles = sum(len(h.tile_tokens) for h in headers)
         self.image_tokens = prompt.image_tokens
         self.payload_bytes = sum(h.payload_bytes for h in headers)
+
+    def add_vision_times(self, features: Features) -> None:
+        """Count a job's compute and transfer times from one of its answer's parts (the last, when
+        there are several): the request's spans are the slowest job's."""
+        timings = features.header.timings
+        self.spans.vision_compute = max(self.spans.vision_compute, (timings.preprocess_ms + timings.compute_ms) / 1000)
+        self.spans.transfer = max(self.spans.transfer, transfer_s(features))
+
+    def cancel(self) -> None:
+        """Stop receiving features (the request ended)."""
+        if self.feeder is not None and not self.feeder.done():
+            self.feeder.cancel()
 
 
 class MediaStage(Protocol):
@@ -95,24 +110,47 @@ def vision_jobs(req: GenerationRequest, config: DvDConfig, group_images: bool) -
     return jobs
 
 
-def per_media(
-    req: GenerationRequest, jobs: list[VisionJob], answers: list[tuple[FeatureHeader, torch.Tensor]]
-) -> tuple[list[MediaLayout], torch.Tensor | None]:
-    """Layouts and feature rows in prompt order, splitting multi-image jobs back into images."""
-    images: deque[tuple[MediaLayout, torch.Tensor]] = deque()
-    videos: deque[tuple[MediaLayout, torch.Tensor]] = deque()
-    for job, (header, rows) in zip(jobs, answers):
+def media_placements(
+    req: GenerationRequest, jobs: list[VisionJob], headers: list[FeatureHeader]
+) -> tuple[list[MediaLayout], list[list[Placement]]]:
+    """Layouts in prompt order, and where each job's answer rows go among the prompt's feature
+    rows (a multi-image job's images may lie apart, with videos between them)."""
+    images: deque[tuple[MediaLayout, int, int]] = deque()  # (layout, job, first row of the job's answer)
+    videos: deque[tuple[MediaLayout, int, int]] = deque()
+    for index, (job, header) in enumerate(zip(jobs, headers)):
         if job.kind == "video":
-            videos.append((MediaLayout(header.tile_tokens, header.frame_tiles), rows))
+            videos.append((MediaLayout(header.tile_tokens, header.frame_tiles), index, 0))
             continue
         tile = row = 0
         for count in header.frame_tiles or (len(header.tile_tokens),):
             tokens = header.tile_tokens[tile : tile + count]
-            images.append((MediaLayout(tokens), rows[row : row + sum(tokens)]))
+            images.append((MediaLayout(tokens), index, row))
             tile, row = tile + count, row + sum(tokens)
     ordered = [images.popleft() if isinstance(p, ImagePart) else videos.popleft() for p in req.media]
-    layouts = [layout for layout, _ in ordered]
-    return layouts, torch.cat([rows for _, rows in ordered]) if ordered else None
+    placements: list[list[Placement]] = [[] for _ in jobs]
+    row = 0
+    for layout, job, job_row in ordered:
+        placements[job].append(Placement(job_row, row, layout.rows))
+        row += layout.rows
+    return [layout for layout, _, _ in ordered], placements
+
+
+def per_media(
+    req: GenerationRequest, jobs: list[VisionJob], answers: list[tuple[FeatureHeader, torch.Tensor]]
+) -> tuple[list[MediaLayout], torch.Tensor | None]:
+    """Layouts and feature rows in prompt order, splitting multi-image jobs back into images."""
+    layouts, placements = media_placements(req, jobs, [header for header, _ in answers])
+    if not layouts:
+        return layouts, None
+    rows = empty_rows([tensor for _, tensor in answers], sum(layout.rows for layout in layouts))
+    for job, (_, tensor) in enumerate(answers):
+        place_rows(rows, placements[job], 0, tensor)
+    return layouts, rows
+
+
+def empty_rows(parts: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """Room for `rows` feature rows as wide, and of the same dtype, as the answers' parts."""
+    return torch.empty(rows, parts[0].shape[1], dtype=parts[0].dtype)
 
 
 def check_text_length(prompts: PromptBuilder, req: GenerationRequest, max_model_len: int) -> None:
@@ -167,41 +205,106 @@ class RemoteMedia:
     async def engine_request(
         self, req: GenerationRequest, params: SamplingParams
     ) -> tuple[EngineRequest, MediaTrace]:
+        """The engine request once every job's first part of features is here. When some answer
+        comes in several parts, the rest arrive into an ArrivingRows while the engine prefills
+        (`trace.feeder` receives them)."""
         trace = MediaTrace()
         max_len = self.config.language.max_model_len
         jobs = vision_jobs(req, self.config, self.group_images)
         skeleton = await asyncio.to_thread(prepare_prompt, self.prompts, req, max_len)
-        features = await self._encode(jobs, trace) if jobs else []
+        if not jobs:
+            return EngineRequest(req.request_id, fill_prompt(skeleton, [], max_len).token_ids, params), trace
+        streams, firsts = await self._first_parts(jobs, trace)
         try:
-            check_frame_tiles(jobs, [f.header for f in features])
-            layouts, rows = per_media(req, jobs, [(f.header, f.tensor) for f in features])
+            headers = [f.header for f in firsts]
+            check_frame_tiles(jobs, headers)
+            layouts, placements = media_placements(req, jobs, headers)
             prompt = fill_prompt(skeleton, layouts, max_len)
-            trace.record([f.header for f in features], prompt)
+            trace.record(headers, prompt)
+            tensor = empty_rows([f.tensor for f in firsts], sum(layout.rows for layout in layouts))
+            rows: torch.Tensor | ArrivingRows = tensor
+            if all(h.is_last for h in headers):
+                for job, first in enumerate(firsts):
+                    place_rows(tensor, placements[job], 0, first.tensor)
+            else:
+                positions = [i for i, t in enumerate(prompt.token_ids) if t == self.prompts.img_context]
+                rows = ArrivingRows(tensor, placements, positions)
+                for job, first in enumerate(firsts):
+                    rows.put(job, 0, first.tensor)
+        except BaseException:
+            await close_streams(streams)
+            raise
         finally:
-            release_all(features)
+            release_all(firsts)
+        if isinstance(rows, ArrivingRows):
+            trace.feeder = asyncio.ensure_future(self._feed(streams, headers, rows, trace))
+            # however the feeder ends (cancelled even before it started), the streams are closed
+            trace.feeder.add_done_callback(lambda _: asyncio.ensure_future(close_streams(streams)))
+        else:
+            await close_streams(streams)
         return EngineRequest(req.request_id, prompt.token_ids, params, rows), trace
 
-    async def _encode(self, jobs: list[VisionJob], trace: MediaTrace) -> list[Features]:
-        """Every job's features; when one fails, the others' are released and the first error raised."""
+    async def _first_parts(
+        self, jobs: list[VisionJob], trace: MediaTrace
+    ) -> tuple[list[AsyncGenerator[Features, None]], list[Features]]:
+        """Every job's answer stream and its first part; when one fails, the others are released
+        and closed and the first error raised."""
+        streams = [self.client.encode_parts(job) for job in jobs]
         async with self.pipeline.vision.enter() as waited:
-            tasks = [asyncio.ensure_future(self.client.encode(job)) for job in jobs]
+            tasks = [asyncio.ensure_future(anext(stream)) for stream in streams]
             try:
                 results = await asyncio.gather(*tasks, return_exceptions=True)
-            except BaseException:  # cancelled: release what arrived; the rest release late answers
+            except BaseException:  # cancelled: release what arrived, close the streams
                 for task in tasks:
                     task.cancel()
-                release_all([t.result() for t in tasks if t.done() and not t.cancelled() and t.exception() is None])
+                results = await asyncio.gather(*tasks, return_exceptions=True)
+                release_all([r for r in results if isinstance(r, Features)])
+                await close_streams(streams)
                 raise
-        features = [r for r in results if isinstance(r, Features)]
+        firsts = [r for r in results if isinstance(r, Features)]
         errors = [r for r in results if isinstance(r, BaseException)]
-        if errors or len(features) != len(jobs):
-            release_all(features)
+        if errors or len(firsts) != len(jobs):
+            release_all(firsts)
+            await close_streams(streams)
             raise errors[0] if errors else InternalError("a vision job ended without features")
         spans = trace.spans
-        spans.vision_queue = waited + max(f.header.timings.queue_ms for f in features) / 1000
-        spans.vision_compute = max(f.header.timings.preprocess_ms + f.header.timings.compute_ms for f in features) / 1000
-        spans.transfer = max(transfer_s(f) for f in features)
-        return features
+        spans.vision_queue = waited + max(f.header.timings.queue_ms for f in firsts) / 1000
+        for first in firsts:
+            trace.add_vision_times(first)
+        return streams, firsts
+
+    async def _feed(
+        self, streams: list[AsyncGenerator[Features, None]], headers: list[FeatureHeader], rows: ArrivingRows,
+        trace: MediaTrace,
+    ) -> None:
+        """Receive the remaining parts of every answer into `rows`; a failure ends the wait with its error."""
+        try:
+            for job, (stream, first) in enumerate(zip(streams, headers)):
+                if first.is_last:
+                    continue
+                async for part in stream:
+                    try:
+                        trace.payload_bytes += part.header.payload_bytes
+                        if part.header.is_last:
+                            trace.add_vision_times(part)
+                        rows.put(job, part.header.row_offset, part.tensor)
+                    finally:
+                        part.release()
+        except asyncio.CancelledError:
+            raise
+        except DvDError as exc:
+            rows.fail(exc)
+        except Exception as exc:  # noqa: BLE001 - the request fails, the server goes on
+            rows.fail(InternalError(f"receiving features failed: {type(exc).__name__}: {exc}"))
+
+
+async def close_streams(streams: list[AsyncGenerator[Features, None]]) -> None:
+    """Close answer streams (each releases whatever of its job still arrives)."""
+    for stream in streams:
+        try:
+            await stream.aclose()
+        except RuntimeError:  # still running in a task being cancelled; it closes itself
+            pass
 
 
 def check_frame_tiles(jobs: list[VisionJob], headers: list[FeatureHeader]) -> None:

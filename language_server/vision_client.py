@@ -18,8 +18,10 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field, replace
+from typing import AsyncIterator
 
 import grpc
+import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from language_server.tile_estimate import image_tiles, video_tiles
@@ -67,10 +69,33 @@ class _Replica:
 
 @dataclass
 class _Pending:
+    """A job in flight: its first answer resolves `future`; further parts of the answer queue in `parts`."""
+
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     tiles: int
     replica: _Replica | None = None
+    parts: asyncio.Queue = field(default_factory=asyncio.Queue)
+    closed: bool = False  # the requester is gone: parts that still arrive are released
+
+    def push(self, result: Features | BaseException) -> None:
+        """Hand over an answer or part (on the requester's loop)."""
+        if self.closed:
+            if isinstance(result, Features):
+                result.release()
+        elif self.future.done():
+            self.parts.put_nowait(result)
+        elif isinstance(result, BaseException):
+            self.future.set_exception(result)
+        else:
+            self.future.set_result(result)
+
+    def close(self) -> None:
+        self.closed = True
+        while not self.parts.empty():
+            result = self.parts.get_nowait()
+            if isinstance(result, Features):
+                result.release()
 
 
 def estimate_tiles(job: VisionJob) -> int:
@@ -124,7 +149,29 @@ class VisionClient:
             return {r.endpoint: r.outstanding_tiles for r in self._replicas}
 
     async def encode(self, job: VisionJob) -> Features:
-        """Send one job and wait for its features; errors map to request-ending DvDErrors."""
+        """Send one job and wait for its whole answer (parts joined); errors map to request-ending DvDErrors."""
+        parts: list[Features] = []
+        try:
+            async for part in self.encode_parts(job):
+                parts.append(part)
+        except BaseException:
+            for part in parts:
+                part.release()
+            raise
+        if len(parts) == 1:
+            return parts[0]
+        tensor = torch.cat([p.tensor for p in parts])
+        for part in parts:
+            part.release()
+        return Features(replace(parts[-1].header, row_offset=0, shape=tuple(tensor.shape),
+                                payload_bytes=tensor.numel() * tensor.element_size()),
+                        tensor, received_unix_s=parts[-1].received_unix_s)
+
+    async def encode_parts(self, job: VisionJob) -> AsyncIterator[Features]:
+        """Send one job and yield its answer's parts as they arrive, in row order (most answers
+        have one part). Each part is the caller's to release. Errors map to request-ending
+        DvDErrors; the first part may come from any replica that takes the job, the others
+        must follow from the same one before the job's deadline."""
         loop = asyncio.get_running_loop()
         now = time.time()
         job = replace(job, reply_to=self.receiver.address, sent_unix_s=now, deadline_unix_s=now + self.timeout_s)
@@ -146,14 +193,39 @@ class VisionClient:
                     pending.future = loop.create_future()
                     continue
                 claimed = True
-                features.header.raise_for_status()
-                return features
+                break
+            features.header.raise_for_status()
+            rows = 0
+            while True:
+                if features.header.row_offset != rows:
+                    features.release()
+                    raise InternalError(f"vision job {job.job_id}: a part starts at row {features.header.row_offset}, "
+                                        f"not at row {rows}")
+                rows += features.tensor.shape[0]
+                last = features.header.is_last
+                yield features
+                if last:
+                    return
+                features = await self._next_part(pending, deadline)
         finally:
             with self._lock:
-                self._pending.pop(job.job_id, None)
+                if self._pending.get(job.job_id) is pending:
+                    del self._pending[job.job_id]
                 self._assign(pending, None)
+            pending.close()
             if not claimed:  # features that arrive for an abandoned job go back to the transport
                 pending.future.add_done_callback(_release_unclaimed)
+
+    async def _next_part(self, pending: _Pending, deadline: float) -> Features:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            result = await asyncio.wait_for(pending.parts.get(), max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"the vision server did not send all of the features within {self.timeout_s:g} s") from None
+        if isinstance(result, BaseException):
+            raise result
+        result.header.raise_for_status()
+        return result
 
     async def _answer(self, pending: _Pending, replica: _Replica, deadline: float, last_chance: bool) -> Features | None:
         """The job's answer, or None when `replica` left it unanswered for replica_timeout_s and then
@@ -236,10 +308,12 @@ class VisionClient:
                 frame.release()
                 return
             with self._lock:
-                pending = self._pending.pop(header.job_id, None)
+                pending = self._pending.get(header.job_id)
                 if pending is not None:
                     source = pending.replica.endpoint if pending.replica else header.server_id
-                    self._assign(pending, None)
+                    if header.is_last:  # else further parts of the answer follow
+                        del self._pending[header.job_id]
+                        self._assign(pending, None)
             if pending is None:
                 log.info("features for an unknown or already answered job", extra={"job_id": header.job_id})
                 frame.release()
@@ -258,7 +332,7 @@ class VisionClient:
                 return
             result = InternalError(f"received features could not be handled: {type(exc).__name__}: {exc}")
         try:
-            pending.loop.call_soon_threadsafe(_resolve, pending.future, result)
+            pending.loop.call_soon_threadsafe(pending.push, result)
         except RuntimeError:  # the requester's event loop is closed
             if isinstance(result, Features):
                 result.release()
@@ -282,15 +356,6 @@ def _release_quietly(frame) -> None:
 def _release_unclaimed(future: asyncio.Future) -> None:
     if not future.cancelled() and future.exception() is None:
         future.result().release()
-
-
-def _resolve(future: asyncio.Future, result: Features | BaseException) -> None:
-    if future.done():
-        return
-    if isinstance(result, BaseException):
-        future.set_exception(result)
-    else:
-        future.set_result(result)
 
 
 def new_job_id() -> str:

@@ -107,6 +107,7 @@ class VisionConfig:
     devices: tuple[str, ...] = ()  # one device per replica; empty = `device` for all
     max_batch_tiles: int = 64  # most tiles in one encoder forward
     max_wait_ms: float = 5.0  # how long a batch may wait for more tiles
+    stream_features: bool = True  # a job encoded in several chunks is answered chunk by chunk
     preprocess_workers: int = 2  # decode and tiling run in this many worker threads
     max_queued_jobs: int = 256  # jobs waiting beyond this are answered RESOURCE_EXHAUSTED
     vir_mode: Literal["router", "all_256", "all_64"] = "router"  # ViR on -Flash checkpoints

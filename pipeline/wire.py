@@ -190,10 +190,21 @@ class FeatureHeader:
     server_id: str = ""
     payload_handle: str = ""
     cached_tiles: int = 0
+    row_offset: int = 0  # this part's first row among the job's rows (answers may come in parts)
 
     @property
     def ok(self) -> bool:
         return self.status == JobStatus.OK
+
+    @property
+    def total_rows(self) -> int:
+        """Rows of the whole job's answer, over all its parts."""
+        return sum(self.tile_tokens)
+
+    @property
+    def is_last(self) -> bool:
+        """No further part follows: a failure, or the part whose rows reach the job's last row."""
+        return not self.ok or self.row_offset + (self.shape[0] if self.shape else 0) >= self.total_rows
 
     def raise_for_status(self) -> None:
         """Raise the request-ending error that a failed job means for its request."""
@@ -223,6 +234,7 @@ class FeatureHeader:
             server_id=self.server_id,
             payload_handle=self.payload_handle,
             cached_tiles=self.cached_tiles,
+            row_offset=self.row_offset,
         )
 
     @classmethod
@@ -241,6 +253,7 @@ class FeatureHeader:
             server_id=msg.server_id,
             payload_handle=msg.payload_handle,
             cached_tiles=msg.cached_tiles,
+            row_offset=msg.row_offset,
         )
 
 
@@ -301,8 +314,11 @@ def validate_header(header: FeatureHeader, hidden_size: int | None = None) -> No
         raise WireError(f"{name}: payload_bytes {header.payload_bytes} != shape {list(header.shape)} x itemsize")
     if not header.tile_tokens or any(t <= 0 for t in header.tile_tokens):
         raise WireError(f"{name}: per-tile token counts must be positive, got {list(header.tile_tokens)}")
-    if sum(header.tile_tokens) != rows:
-        raise WireError(f"{name}: tile token counts sum to {sum(header.tile_tokens)}, payload has {rows} rows")
+    if header.row_offset + rows > header.total_rows:
+        raise WireError(
+            f"{name}: rows {header.row_offset}..{header.row_offset + rows} lie beyond the "
+            f"{header.total_rows} rows its tile token counts sum to"
+        )
     if any(t <= 0 for t in header.frame_tiles):
         raise WireError(f"{name}: per-frame tile counts must be positive, got {list(header.frame_tiles)}")
     if header.frame_tiles and sum(header.frame_tiles) != len(header.tile_tokens):

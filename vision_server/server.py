@@ -6,6 +6,7 @@ Four kinds of thread share a VisionWorker:
                  max_queued_jobs are already waiting) and hand them to the preprocess pool
     preprocess   limits, decode, tile (or a cache hit) -> the batcher, or straight to the outbox
     batch        TileBatcher -> one encoder run over the tiles of many jobs -> the outbox
+                 (a job that spans several encoder chunks is answered in parts, chunk by chunk)
     send         header + rows -> each job's reply address (one lane per requester; outbox.py)
 
 so decoding, encoding and sending of different jobs overlap. A job holds its admission slot
@@ -149,7 +150,8 @@ class VisionServer:
         """Encode one batch and queue its answers; never raises, and frees every job's slot."""
         try:
             try:
-                results = self.worker.run_batch(batch)
+                on_part = self.outbox.put if self.config.vision.stream_features else None
+                results = self.worker.run_batch(batch, on_part)
             except Exception:  # noqa: BLE001 - run_batch answers per job; this is a last resort
                 log.exception("a vision batch failed")
                 results = [self.worker.complete(_failed(p)) for p in batch]

@@ -9,11 +9,12 @@ The vision server drives `prepare` and `run_batch` from its threads; an in-proce
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +45,31 @@ class JobResult:
     def __post_init__(self) -> None:
         if self.job.data or self.job.images:
             self.job = replace(self.job, data=b"", images=())
+
+
+PartSink = Callable[[JobResult], None]
+
+
+class _Stream:
+    """Sends each job's finished tiles as parts of its answer while later chunks still encode.
+    A job's last part is its JobResult, returned with the batch."""
+
+    def __init__(self, ready: list[PreparedJob], tile_tokens: list[int], sink: PartSink) -> None:
+        self.ready = ready
+        self.sink = sink
+        self.starts = list(itertools.accumulate((p.tiles for p in ready), initial=0))
+        self.job_tokens = [tuple(tile_tokens[a:b]) for a, b in itertools.pairwise(self.starts)]
+        self.sent_tiles = [0] * len(ready)
+
+    def send(self, tile_rows: list[torch.Tensor], answer: Callable[..., JobResult]) -> None:
+        """Send, for every job still unfinished, its tiles that `tile_rows` holds and no part has carried."""
+        for i, prep in enumerate(self.ready):
+            start, done = self.starts[i], min(len(tile_rows), self.starts[i + 1]) - self.starts[i]
+            if self.sent_tiles[i] < done < prep.tiles:
+                rows = torch.cat(tile_rows[start + self.sent_tiles[i] : start + done]).cpu()
+                offset = sum(self.job_tokens[i][: self.sent_tiles[i]])
+                self.sink(answer(prep, self.job_tokens[i], rows, offset))
+                self.sent_tiles[i] = done
 
 
 class VisionWorker:
@@ -133,8 +159,13 @@ class VisionWorker:
         cached = prepared.cached
         return self._success(prepared, cached.tile_tokens, cached.rows, time.time(), 0.0, cached=True)
 
-    def run_batch(self, batch: Sequence[PreparedJob]) -> list[JobResult]:
-        """Answer every job of a batch, running the encoder once over all tiles that need it."""
+    def run_batch(self, batch: Sequence[PreparedJob], on_part: PartSink | None = None) -> list[JobResult]:
+        """Answer every job of a batch, running the encoder once over all tiles that need it.
+
+        With `on_part`, a job whose tiles span several encoder chunks has the rows of each
+        finished chunk handed to `on_part` as a part of its answer (FeatureHeader.row_offset)
+        while the rest encodes; its returned JobResult is then the last part. Jobs routed by
+        ViR's router are answered in one part, since routing needs all of a job's tiles."""
         answers: dict[int, JobResult] = {}
         ready = []
         for prep in batch:
@@ -145,55 +176,89 @@ class VisionWorker:
             else:
                 ready.append(prep)
         if ready:
-            for prep, result in zip(ready, self._run_isolated(ready)):
+            for prep, result in zip(ready, self._run_isolated(ready, on_part)):
                 answers[id(prep)] = result
         return [answers[id(p)] for p in batch]
 
     # ----- internals ------------------------------------------------------------------------
-    def _run_isolated(self, ready: list[PreparedJob]) -> list[JobResult]:
-        """Run the batch; if it fails, run each job alone so that only the faulty one fails."""
+    def _run_isolated(self, ready: list[PreparedJob], on_part: PartSink | None = None) -> list[JobResult]:
+        """Run the batch; if it fails, run each job alone so that only the faulty one fails (and
+        any job that had already sent parts, whose answer cannot start over)."""
+        streamed: set[str] = set()
+
+        def sink(result: JobResult) -> None:
+            streamed.add(result.job.job_id)
+            on_part(result)
+
         try:
-            return self._run(ready)
+            return self._run(ready, sink if on_part is not None else None)
         except Exception:  # noqa: BLE001
             if len(ready) > 1:
-                return [result for prep in ready for result in self._run_isolated([prep])]
+                return [result for prep in ready for result in (
+                    [self._encoder_failure(prep)] if prep.job.job_id in streamed else self._run_isolated([prep], on_part)
+                )]
             log.exception("encoder failed", extra={"job_id": ready[0].job.job_id})
-            return [self._failure(ready[0], JobError(JobStatus.INTERNAL, "the vision encoder failed on this input"))]
+            return [self._encoder_failure(ready[0])]
+
+    def _encoder_failure(self, prep: PreparedJob) -> JobResult:
+        return self._failure(prep, JobError(JobStatus.INTERNAL, "the vision encoder failed on this input"))
 
     @torch.inference_mode()
-    def _run(self, ready: list[PreparedJob]) -> list[JobResult]:
+    def _run(self, ready: list[PreparedJob], on_part: PartSink | None = None) -> list[JobResult]:
         batch_start = time.time()
-        pixels = torch.cat([p.pixels for p in ready])
-        grid = torch.cat([self.encoder.vit_grid(chunk) for chunk in pixels.split(self.max_batch_tiles)])
-        sizes = [p.tiles for p in ready]
-        scores = None
+        chunks = torch.cat([p.pixels for p in ready]).split(self.max_batch_tiles)
+        stream: _Stream | None = None
         if self.router is not None and any(p.token_mode == "router" for p in ready):
-            scores = self.router.scores(grid).split(sizes)
-        thresholds = self.router.thresholds if self.router is not None else None
-        compress: list[bool] = []
-        for i, prep in enumerate(ready):
-            compress += compressed_tiles(prep.token_mode, scores[i] if scores else None, thresholds, prep.tiles)
-        mask = torch.tensor(compress, dtype=torch.bool, device=grid.device)
-        full = self.encoder.project_full(grid[~mask]) if not mask.all() else None
-        small = None
-        if mask.any():
-            small = self.router.project_compressed(pixel_shuffle(grid[mask], self.encoder.downsample_ratio**2))
-        rows = self._assemble(compress, full, small)
+            grid = torch.cat([self.encoder.vit_grid(chunk) for chunk in chunks])
+            scores = self.router.scores(grid).split([p.tiles for p in ready])
+            compress = self._compressed(ready, scores)
+            tile_rows = self._project(grid, compress)
+        else:  # each tile's token count is known before encoding: chunks can be answered as they finish
+            compress = self._compressed(ready, None)
+            stream = _Stream(ready, self._tile_tokens(compress), on_part) if on_part is not None else None
+            tile_rows: list[torch.Tensor] = []
+            for chunk in chunks:
+                tile_rows += self._project(self.encoder.vit_grid(chunk), compress[len(tile_rows):][: len(chunk)])
+                if stream is not None and len(tile_rows) < len(compress):
+                    stream.send(tile_rows, lambda prep, tokens, rows, offset: self._answer(
+                        prep, tokens, rows, batch_start, (time.time() - batch_start) * 1000, row_offset=offset))
         elapsed_ms = (time.time() - batch_start) * 1000
         metrics.TILES.inc(len(compress))
         metrics.BATCH_TILES.observe(len(compress))
         metrics.BATCH_JOBS.observe(len(ready))
         metrics.ENCODE_MS.observe(elapsed_ms)
         results, start = [], 0
-        for prep in ready:
-            tile_rows = rows[start : start + prep.tiles]
-            tile_tokens = tuple(int(r.shape[0]) for r in tile_rows)
-            job_rows = torch.cat(tile_rows).cpu()
+        for i, prep in enumerate(ready):
+            rows = tile_rows[start : start + prep.tiles]
+            tile_tokens = tuple(int(r.shape[0]) for r in rows)
+            sent = stream.sent_tiles[i] if stream is not None else 0
             start += prep.tiles
             if prep.cache_key is not None:
-                self.cache.put(prep.cache_key, CachedFeatures(tile_tokens, prep.frame_tiles, job_rows))
-            results.append(self._success(prep, tile_tokens, job_rows, batch_start, elapsed_ms))
+                self.cache.put(prep.cache_key, CachedFeatures(tile_tokens, prep.frame_tiles, torch.cat(rows).cpu()))
+            results.append(self._success(prep, tile_tokens, torch.cat(rows[sent:]).cpu(), batch_start, elapsed_ms,
+                                         row_offset=sum(tile_tokens[:sent])))
         return results
+
+    def _compressed(self, ready: list[PreparedJob], scores: Sequence[torch.Tensor] | None) -> list[bool]:
+        """For every tile of the batch, in order: is it compressed to a quarter of its tokens."""
+        thresholds = self.router.thresholds if self.router is not None else None
+        compress: list[bool] = []
+        for i, prep in enumerate(ready):
+            compress += compressed_tiles(prep.token_mode, scores[i] if scores else None, thresholds, prep.tiles)
+        return compress
+
+    def _tile_tokens(self, compress: list[bool]) -> list[int]:
+        full = self.checkpoint.tokens_per_tile
+        return [full // 4 if compressed else full for compressed in compress]
+
+    def _project(self, grid: torch.Tensor, compress: list[bool]) -> list[torch.Tensor]:
+        """Per-tile feature rows of a ViT grid, each tile through the projector its flag picks."""
+        mask = torch.tensor(compress, dtype=torch.bool, device=grid.device)
+        full = self.encoder.project_full(grid[~mask]) if not mask.all() else None
+        small = None
+        if mask.any():
+            small = self.router.project_compressed(pixel_shuffle(grid[mask], self.encoder.downsample_ratio**2))
+        return self._assemble(compress, full, small)
 
     @staticmethod
     def _assemble(compress: list[bool], full: torch.Tensor | None, small: torch.Tensor | None) -> list[torch.Tensor]:
@@ -210,13 +275,26 @@ class VisionWorker:
 
     def _success(
         self, prep: PreparedJob, tile_tokens: tuple[int, ...], rows: torch.Tensor, batch_start: float, compute_ms: float,
-        cached: bool = False,
+        cached: bool = False, row_offset: int = 0,
+    ) -> JobResult:
+        """A job's (last) answer, counted in the metrics."""
+        result = self._answer(prep, tile_tokens, rows, batch_start, compute_ms, cached, row_offset)
+        metrics.QUEUE_MS.observe(result.header.timings.queue_ms)
+        metrics.VIR_RATIO.observe(sum(tile_tokens) / (self.checkpoint.tokens_per_tile * len(tile_tokens)))
+        for tokens in set(tile_tokens):
+            metrics.VIR_TILES.labels(str(tokens)).inc(tile_tokens.count(tokens))
+        metrics.JOBS.labels("ok").inc()
+        return result
+
+    def _answer(
+        self, prep: PreparedJob, tile_tokens: Sequence[int], rows: torch.Tensor, batch_start: float, compute_ms: float,
+        cached: bool = False, row_offset: int = 0,
     ) -> JobResult:
         queue_s = (prep.started - prep.arrived) + max(0.0, batch_start - prep.preprocessed)
         header = FeatureHeader(
             job_id=prep.job.job_id,
             request_id=prep.job.request_id,
-            tile_tokens=tile_tokens,
+            tile_tokens=tuple(tile_tokens),
             frame_tiles=prep.cached.frame_tiles if cached else prep.frame_tiles,
             timings=VisionTimings(
                 queue_ms=queue_s * 1000,
@@ -225,12 +303,9 @@ class VisionWorker:
             ),
             server_id=self.server_id,
             cached_tiles=len(tile_tokens) if cached else 0,
+            row_offset=row_offset,
+            shape=tuple(rows.shape),
         )
-        metrics.QUEUE_MS.observe(queue_s * 1000)
-        metrics.VIR_RATIO.observe(sum(tile_tokens) / (self.checkpoint.tokens_per_tile * len(tile_tokens)))
-        for tokens in set(tile_tokens):
-            metrics.VIR_TILES.labels(str(tokens)).inc(tile_tokens.count(tokens))
-        metrics.JOBS.labels("ok").inc()
         return JobResult(prep.job, header, rows)
 
     def _failure(self, prep: PreparedJob, error: JobError) -> JobResult:

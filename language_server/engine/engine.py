@@ -58,6 +58,7 @@ class Engine:
         self._outputs: list[EngineOutput] = []
         self._lock = threading.Lock()  # held by whoever is stepping or draining the inbox
         self._wakeup = threading.Event()
+        self._stalled = False  # the last step found nothing it could run
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         log.info(
@@ -135,7 +136,9 @@ class Engine:
         hand to the sinks) every output it produced."""
         with self._lock:
             self._drain_inbox()
+            self._fail_starved()
             batch = self.scheduler.schedule()
+            self._stalled = not batch
             if batch:
                 self._run(batch)
             outputs, self._outputs = self._outputs, []
@@ -146,7 +149,8 @@ class Engine:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
-            if not self.has_work():
+            if not self.has_work() or self._stalled:  # stalled: every sequence waits for image rows
+                self._stalled = False
                 self._wakeup.wait(IDLE_WAIT_S)
                 self._wakeup.clear()
                 continue
@@ -236,7 +240,15 @@ class Engine:
     def _add(self, handle: int, request: EngineRequest, sink: Sink) -> None:
         seq = Sequence(request, self.tokenizer, self.config.max_model_len, handle)
         self._sinks[handle] = sink
+        if seq.arriving is not None:
+            seq.arriving.notify = self._wakeup.set
         self.scheduler.add(seq)
+
+    def _fail_starved(self) -> None:
+        """End the sequences whose image rows will not all arrive (the vision side failed)."""
+        for seq in [*self.scheduler.running, *self.scheduler.waiting]:
+            if seq.arriving is not None and seq.arriving.error is not None:
+                self._finish(seq, seq.fail(seq.arriving.error))
 
     def _finish(self, seq: Sequence, output: EngineOutput) -> None:
         self.scheduler.finish(seq)

@@ -47,7 +47,8 @@ class Scheduler:
     """First come, first served under a token budget, with chunked prefill and preemption by recompute.
 
     Each step first gives every running sequence its share, decoding ones (one token each) before
-    those still prefilling (a chunk each, as much as the budget allows). When a running sequence
+    those still prefilling (a chunk each, as much as the budget and the image rows received so
+    far allow). When a running sequence
     needs a block and none is free, the newest running sequence is preempted: its blocks are freed
     and it goes back to the front of the waiting queue, to be recomputed from its first token.
     Waiting sequences are admitted in arrival order while the budget, `max_num_seqs` and the
@@ -85,7 +86,9 @@ class Scheduler:
                 break
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this step
-            length = min(seq.num_uncomputed_tokens, budget)
+            length = min(seq.num_uncomputed_tokens, budget, seq.num_ready_tokens - seq.num_computed_tokens)
+            if length <= 0:
+                continue  # waits for image rows still arriving
             if self._reserve(seq, seq.num_computed_tokens + length, batch):
                 batch.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, length))
         if self.num_preemptions == preemptions_before:
@@ -119,8 +122,8 @@ class Scheduler:
             if not self.admit(seq):
                 self.finish(seq)
                 continue
-            length = min(seq.num_uncomputed_tokens, budget)
-            if not self.blocks.can_allocate(seq, seq.num_computed_tokens + length):
+            length = min(seq.num_uncomputed_tokens, budget, seq.num_ready_tokens - seq.num_computed_tokens)
+            if length <= 0 or not self.blocks.can_allocate(seq, seq.num_computed_tokens + length):
                 return
             self.waiting.popleft()
             self.blocks.allocate(seq, seq.num_computed_tokens + length)

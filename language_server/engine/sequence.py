@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from language_server.engine.arriving_rows import ArrivingRows
 from language_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from language_server.engine.sampling import SampleOutput, SamplingParams
 
@@ -30,7 +31,7 @@ class EngineRequest:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    image_rows: torch.Tensor | None = None  # features for the <IMG_CONTEXT> positions, in order
+    image_rows: torch.Tensor | ArrivingRows | None = None  # features for the <IMG_CONTEXT> positions, in order
     prepare: Callable[[], Prepared] | None = None
 
 
@@ -76,7 +77,6 @@ class Sequence:
         self.request_id = request.request_id
         self.params = request.params
         self.max_model_len = max_model_len
-        self.image_rows = request.image_rows
         self.output_ids: list[int] = []
         self.status = Status.WAITING
         self.set_prompt(request.prompt_ids, request.image_rows)
@@ -90,10 +90,11 @@ class Sequence:
         self.scheduled: float | None = None
         self.first_token: float | None = None
 
-    def set_prompt(self, prompt_ids: list[int], image_rows: torch.Tensor | None) -> None:
+    def set_prompt(self, prompt_ids: list[int], image_rows: torch.Tensor | ArrivingRows | None) -> None:
         """Install the prompt (at construction, or after `prepare` ran)."""
         self.prompt_ids = list(prompt_ids)
-        self.image_rows = image_rows
+        self.arriving = image_rows if isinstance(image_rows, ArrivingRows) else None
+        self.image_rows = image_rows.tensor if isinstance(image_rows, ArrivingRows) else image_rows
         self.max_new_tokens = min(self.params.max_new_tokens, self.max_model_len - len(self.prompt_ids))
 
     def run_prepare(self) -> None:
@@ -110,6 +111,13 @@ class Sequence:
     def num_tokens(self) -> int:
         """Prompt plus output tokens."""
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_ready_tokens(self) -> int:
+        """Leading tokens that can be computed now: all, unless image rows are still arriving."""
+        if self.arriving is None or self.arriving.complete:
+            return self.num_tokens
+        return self.arriving.ready_tokens(len(self.prompt_ids))
 
     @property
     def num_uncomputed_tokens(self) -> int:

@@ -88,6 +88,24 @@ def test_both_checkpoint_formats_give_identical_tokens(start_deployment, fp32_de
 
 
 @pytest.fixture(scope="module")
+def streamed_deployment(start_deployment):
+    """Encoder chunks of 3 tiles: every image of CASES is answered in parts, cut inside images."""
+    return start_deployment(
+        {"vision.max_batch_tiles": 3, "vision.dtype": "float32", "language.dtype": "float32"}, name="streamed"
+    )
+
+
+@pytest.mark.parametrize("case", ["single_image", "two_images", "two_turns"])
+def test_features_answered_in_parts_give_transformers_tokens(case, streamed_deployment, client_for, reference_fp32):
+    conversation = CASES[case]
+    result = client_for(streamed_deployment).generate(
+        to_messages(conversation), sampling(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
+    )
+    assert list(result.token_ids) == reference_fp32.generate(conversation, MAX_NEW_TOKENS)
+    assert result.timings.vision_compute_ms > 0 and result.timings.transfer_ms >= 0
+
+
+@pytest.fixture(scope="module")
 def bf16_deployment(start_deployment):
     return start_deployment({"vision.dtype": "bfloat16", "language.dtype": "bfloat16"}, name="bf16")
 

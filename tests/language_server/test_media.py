@@ -52,7 +52,7 @@ def test_video_jobs_follow_the_images_thumbnail_rule():
 
 def _answer(job: VisionJob, tile_tokens: tuple[int, ...], frame_tiles: tuple[int, ...], first_row: float):
     rows = torch.arange(sum(tile_tokens), dtype=torch.float32)[:, None] + first_row
-    return FeatureHeader(job.job_id, "r", tile_tokens=tile_tokens, frame_tiles=frame_tiles), rows
+    return FeatureHeader(job.job_id, "r", tile_tokens=tile_tokens, frame_tiles=frame_tiles, shape=rows.shape), rows
 
 
 def test_answers_are_split_back_in_prompt_order():
@@ -77,28 +77,42 @@ class _Payload:
 
 
 class _FakeVisionClient:
-    """Answers each job with `answer(job)`: a Features (256 rows per tile) or an exception to raise.
-    Records the jobs and the payloads it handed out."""
+    """Answers each job with `answer(job)`: (header, rows), an exception to raise, or a list of
+    those as the answer's parts, with asyncio.Events to wait for between them. Records the jobs
+    and the payloads it handed out."""
 
     def __init__(self, answer) -> None:
         self.answer = answer
         self.jobs: list[VisionJob] = []
         self.payloads: list[_Payload] = []
 
-    async def encode(self, job: VisionJob):
+    async def encode_parts(self, job: VisionJob):
         self.jobs.append(job)
         result = self.answer(job)
         if isinstance(result, BaseException):
             raise result
-        header, rows = result
-        payload = _Payload()
-        self.payloads.append(payload)
-        return Features(header, rows, keepalive=payload)
+        for part in result if isinstance(result, list) else [result]:
+            if isinstance(part, BaseException):
+                raise part
+            if isinstance(part, asyncio.Event):  # hold the next part back until the test sets it
+                await part.wait()
+                continue
+            header, rows = part
+            payload = _Payload()
+            self.payloads.append(payload)
+            yield Features(header, rows, keepalive=payload)
 
 
 def _one_tile(job: VisionJob, frame_tiles: tuple[int, ...] = ()):
     tiles = sum(frame_tiles) or 1
-    return FeatureHeader(job.job_id, "r", tile_tokens=(4,) * tiles, frame_tiles=frame_tiles), torch.zeros(4 * tiles, 8)
+    return _zeros(job, (4,) * tiles, frame_tiles)
+
+
+def _zeros(job: VisionJob, tile_tokens: tuple[int, ...], frame_tiles: tuple[int, ...] = (), first: int = 0, rows: int | None = None):
+    """A part of `job`'s answer: rows [first, first + rows) (default: all) of zeros, 8 wide."""
+    rows = sum(tile_tokens) - first if rows is None else rows
+    header = FeatureHeader(job.job_id, "r", tile_tokens=tile_tokens, frame_tiles=frame_tiles, shape=(rows, 8), row_offset=first)
+    return header, torch.zeros(rows, 8)
 
 
 def _config(max_model_len: int = 8192) -> DvDConfig:
@@ -210,7 +224,7 @@ def _varied(job: VisionJob):
     else:
         frame_tiles = ()
     tiles = sum(frame_tiles) or (2 if job.data == b"b" else 1)
-    return FeatureHeader(job.job_id, "r", tile_tokens=(4,) * tiles, frame_tiles=frame_tiles), torch.zeros(4 * tiles, 8)
+    return _zeros(job, (4,) * tiles, frame_tiles)
 
 
 def _rendered(messages: tuple[ChatMessage, ...], system_prompt: str) -> str:
@@ -289,3 +303,82 @@ def test_a_request_is_tokenized_once_into_the_same_ids(tokenizer, name, mode):
     assert len(calls) == 1
     assert token_ids == tokenizer(_rendered(messages, system_prompt))["input_ids"]
     assert trace.image_tokens == token_ids.count(tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"))
+
+
+def _part(job: VisionJob, tile_tokens, frame_tiles, first: int, stop: int):
+    """Rows [first, stop) of `job`'s answer, each row filled with its number in the job plus 100 x
+    the job's first byte (so rows of different jobs differ)."""
+    rows = (torch.arange(first, stop, dtype=torch.float32) + 100 * (job.data or b"g")[0])[:, None].expand(-1, 8)
+    header = FeatureHeader(job.job_id, "r", tile_tokens=tile_tokens, frame_tiles=frame_tiles,
+                           shape=(stop - first, 8), row_offset=first)
+    return header, rows.contiguous()
+
+
+def test_answers_in_parts_fill_the_rows_in_prompt_order_as_they_arrive(tokenizer):
+    """The engine request exists once every job's first part is here; the rows a part brings
+    become ready as far as the prompt order allows (an image cut by a part counts up to the cut)."""
+    async def scenario():
+        held = asyncio.Event()
+
+        def answer(job):
+            if job.kind == "video":
+                return _part(job, (4, 4), (1, 1), 0, 8)
+            return [_part(job, (4, 4, 4), (1, 2), 0, 6), held, _part(job, (4, 4, 4), (1, 2), 6, 12)]
+
+        client = _FakeVisionClient(answer)
+        media = RemoteMedia(client, PromptBuilder(tokenizer), _config(), Pipeline.create(8, 8, 8), group_images=True)
+        request, trace = await asyncio.wait_for(media.engine_request(REQUEST, REQUEST.sampling), 60)
+        rows = request.image_rows
+        placeholders = [i for i, t in enumerate(request.prompt_ids) if t == media.prompts.img_context]
+        # prompt rows: a = 0..3, video = 4..11, b = 12..19; b's rows 0..1 (its job's rows 4..5) are here
+        assert (rows.ready_rows, rows.complete) == (14, False)
+        assert rows.ready_tokens(len(request.prompt_ids)) == placeholders[14]
+        woken = threading.Event()
+        rows.notify = woken.set
+        held.set()
+        await asyncio.wait_for(trace.feeder, 60)
+        assert rows.complete and woken.is_set() and rows.error is None
+        images, video = client.jobs
+        expected = torch.cat([
+            _part(images, (4, 4, 4), (1, 2), 0, 4)[1], _part(video, (4, 4), (1, 1), 0, 8)[1],
+            _part(images, (4, 4, 4), (1, 2), 4, 12)[1],
+        ])
+        assert torch.equal(rows.tensor, expected)
+        assert [p.releases for p in client.payloads] == [1, 1, 1]
+        assert trace.payload_bytes == 0  # the fake client's headers carry no payload size
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("how", ["error", "cancel"])
+def test_a_part_that_never_comes_fails_the_rows_or_is_released_on_cancel(tokenizer, how):
+    async def scenario():
+        held = asyncio.Event()
+
+        def answer(job):
+            later = InternalError("vision server failed mid-answer") if how == "error" else held
+            return [_part(job, (4, 4), (), 0, 4), later, _part(job, (4, 4), (), 4, 8)]
+
+        client = _FakeVisionClient(answer)
+        single = GenerationRequest("s", (ChatMessage("user", (IMG_A, TextPart("?"))),), SamplingParams())
+        media = _media(tokenizer, client)
+        request, trace = await asyncio.wait_for(media.engine_request(single, single.sampling), 60)
+        rows = request.image_rows
+        assert rows.ready_rows == 4 and not rows.complete
+        if how == "cancel":
+            trace.cancel()
+        with pytest.raises(asyncio.CancelledError) if how == "cancel" else _no_error():
+            await asyncio.wait_for(trace.feeder, 60)
+        if how == "error":
+            assert isinstance(rows.error, InternalError) and "mid-answer" in str(rows.error)
+        assert not rows.complete and [p.releases for p in client.payloads] == [1]
+
+    asyncio.run(scenario())
+
+
+class _no_error:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False

@@ -66,7 +66,8 @@ def test_job_round_trip():
         (lambda h: replace(h, dtype=None), "unknown dtype"),
         (lambda h: replace(h, shape=(4,)), "shape must be [rows, hidden]"),
         (lambda h: replace(h, payload_bytes=h.payload_bytes + 2), "payload_bytes"),
-        (lambda h: replace(h, tile_tokens=(3,)), "tile token counts sum to 3, payload has 4 rows"),
+        (lambda h: replace(h, tile_tokens=(3,)), "rows 0..4 lie beyond the 3 rows"),
+        (lambda h: replace(h, tile_tokens=(4, 2), row_offset=3), "rows 3..7 lie beyond the 6 rows"),
         (lambda h: replace(h, tile_tokens=(4, 0)), "must be positive"),
         (lambda h: replace(h, frame_tiles=(2,)), "frame tile counts sum to 2"),
         (lambda h: replace(h, tile_tokens=(2, 2), frame_tiles=(0, 2, 0)), "per-frame tile counts must be positive"),
@@ -79,6 +80,17 @@ def test_inconsistent_headers_are_rejected(mutate, message):
     with pytest.raises(WireError) as info:
         decode_features(header, payload)
     assert message in str(info.value)
+
+
+def test_an_answer_in_parts_says_which_part_is_last():
+    frame, payload = _encode(torch.zeros(4, 2), (4, 4, 2))
+    first = decode_features(decode_header(frame), payload).header
+    assert (first.total_rows, first.row_offset, first.is_last) == (10, 0, False)
+    middle = FeatureHeader.from_pb(replace(first, row_offset=4).to_pb())
+    assert (middle.row_offset, middle.is_last) == (4, False)
+    last = replace(first, row_offset=6)
+    assert last.is_last and decode_features(last, payload).tensor.shape == (4, 2)
+    assert error_header("j", "r", JobStatus.INTERNAL, "failed").is_last
 
 
 def test_payload_length_and_hidden_size_are_checked():

@@ -23,6 +23,7 @@ from vision_server.worker import JobResult
 
 TIMEOUT_S = 10.0
 GONE = "tcp://127.0.0.1:9"  # nothing listens there: a language server that has gone away
+STREAMING = types.SimpleNamespace(vision=types.SimpleNamespace(stream_features=True))  # the config the server reads
 
 
 def job(name: str, reply_to: str = GONE, deadline: float = 0.0, data: bytes = b"image bytes") -> VisionJob:
@@ -83,7 +84,7 @@ def test_the_batch_thread_survives_an_outbox_that_raises_and_frees_every_slot():
 
     server = types.SimpleNamespace(
         _stop=threading.Event(), batcher=TileBatcher(8, 0), _finished=finished,
-        worker=types.SimpleNamespace(run_batch=lambda batch: results[: len(batch)]),
+        worker=types.SimpleNamespace(run_batch=lambda batch, on_part: results[: len(batch)]), config=STREAMING,
         outbox=types.SimpleNamespace(put=broken_put),
     )
     server._answer_batch = lambda batch: VisionServer._answer_batch(server, batch)
@@ -105,7 +106,7 @@ def test_a_gone_requester_holds_no_slot_and_its_answers_drain_quickly():
     finished, done = Counter(), Counter()
     server = types.SimpleNamespace(
         _finished=finished, outbox=types.SimpleNamespace(put=lambda result: outbox.put(result, done)),
-        worker=types.SimpleNamespace(run_batch=lambda batch: [answer(p) for p in batch]),
+        worker=types.SimpleNamespace(run_batch=lambda batch, on_part: [answer(p) for p in batch]), config=STREAMING,
     )
     try:
         started = time.monotonic()

@@ -68,6 +68,28 @@ def test_batches_are_bounded_by_max_batch_tiles_and_results_do_not_change(solo):
         assert header.ok and torch.equal(rows, solo[name])
 
 
+def test_jobs_spanning_encoder_chunks_are_answered_chunk_by_chunk(solo):
+    """With an `on_part` sink, each chunk's finished tiles leave before the next chunk encodes;
+    the parts and the final answer join into exactly the rows of an answer in one piece."""
+    small = VisionWorker(vision_config(**{"vision.max_batch_tiles": 3}))
+    parts = []
+    try:
+        names = ("coffee", "astronaut", "chelsea")  # 7, 1 and 7 tiles: chunks of 3 cut through coffee and chelsea
+        prepared = [small.prepare(job(n, photo_bytes(n))) for n in names]
+        results = small.run_batch(prepared, on_part=parts.append)
+    finally:
+        small.close()
+    for result, name in zip(results, names):
+        mine = [p for p in parts if p.job.job_id == name] + [result]
+        headers = [p.header for p in mine]
+        assert len(mine) == (1 if name == "astronaut" else 3) and all(h.ok for h in headers)
+        assert {h.tile_tokens for h in headers} == {result.header.tile_tokens}  # every part gives the whole layout
+        offsets = [h.row_offset for h in headers]
+        assert offsets == [0] + [sum(p.rows.shape[0] for p in mine[:i]) for i in range(1, len(mine))]
+        assert [h.is_last for h in headers] == [False] * (len(mine) - 1) + [True]
+        assert torch.equal(torch.cat([p.rows for p in mine]), solo[name])
+
+
 def test_a_bad_job_fails_alone_inside_a_batch(worker, solo):
     jobs = [
         job("good-1", photo_bytes("coffee")),
