@@ -54,21 +54,26 @@ class _Stream:
     """Sends each job's finished tiles as parts of its answer while later chunks still encode.
     A job's last part is its JobResult, returned with the batch."""
 
-    def __init__(self, ready: list[PreparedJob], tile_tokens: list[int], sink: PartSink) -> None:
+    def __init__(
+        self, ready: list[PreparedJob], tile_tokens: list[int], sink: PartSink,
+        answer: Callable[[PreparedJob, tuple[int, ...], torch.Tensor, int], JobResult],
+    ) -> None:
+        """`answer(prep, job_tile_tokens, rows, row_offset)` makes a part."""
         self.ready = ready
         self.sink = sink
+        self.answer = answer
         self.starts = list(itertools.accumulate((p.tiles for p in ready), initial=0))
         self.job_tokens = [tuple(tile_tokens[a:b]) for a, b in itertools.pairwise(self.starts)]
         self.sent_tiles = [0] * len(ready)
 
-    def send(self, tile_rows: list[torch.Tensor], answer: Callable[..., JobResult]) -> None:
+    def send(self, tile_rows: list[torch.Tensor]) -> None:
         """Send, for every job still unfinished, its tiles that `tile_rows` holds and no part has carried."""
         for i, prep in enumerate(self.ready):
             start, done = self.starts[i], min(len(tile_rows), self.starts[i + 1]) - self.starts[i]
             if self.sent_tiles[i] < done < prep.tiles:
                 rows = torch.cat(tile_rows[start + self.sent_tiles[i] : start + done]).cpu()
                 offset = sum(self.job_tokens[i][: self.sent_tiles[i]])
-                self.sink(answer(prep, self.job_tokens[i], rows, offset))
+                self.sink(self.answer(prep, self.job_tokens[i], rows, offset))
                 self.sent_tiles[i] = done
 
 
@@ -215,13 +220,15 @@ class VisionWorker:
             tile_rows = self._project(grid, compress)
         else:  # each tile's token count is known before encoding: chunks can be answered as they finish
             compress = self._compressed(ready, None)
-            stream = _Stream(ready, self._tile_tokens(compress), on_part) if on_part is not None else None
+            if on_part is not None:
+                stream = _Stream(ready, self._tile_tokens(compress), on_part, lambda prep, tokens, rows, offset: (
+                    self._answer(prep, tokens, rows, batch_start, (time.time() - batch_start) * 1000, row_offset=offset)
+                ))
             tile_rows: list[torch.Tensor] = []
             for chunk in chunks:
                 tile_rows += self._project(self.encoder.vit_grid(chunk), compress[len(tile_rows):][: len(chunk)])
                 if stream is not None and len(tile_rows) < len(compress):
-                    stream.send(tile_rows, lambda prep, tokens, rows, offset: self._answer(
-                        prep, tokens, rows, batch_start, (time.time() - batch_start) * 1000, row_offset=offset))
+                    stream.send(tile_rows)
         elapsed_ms = (time.time() - batch_start) * 1000
         metrics.TILES.inc(len(compress))
         metrics.BATCH_TILES.observe(len(compress))
