@@ -7,7 +7,8 @@ unanswered for `vision.replica_timeout_s` and then fails a health check (a busy 
 still answers it; a hung or dead one does not; replicas named in `language.vision_servers`
 have no known health address and count as down on the timeout alone). The job is then
 sent to another replica, and the replica is skipped for a while. Whichever answer to a job
-arrives first is used.
+arrives first is used. An answer may come in parts, in row order (FeatureHeader.row_offset):
+`encode_parts` yields them as they arrive, `encode` joins them.
 """
 
 from __future__ import annotations
