@@ -97,7 +97,7 @@ class Setup:
         }
 
 
-def _ports(index: int, base: int) -> dict[str, int]:
+def setup_ports(index: int, base: int) -> dict[str, int]:
     start = base + PORTS_PER_SETUP * index
     return {
         "vision.job_port": start,
@@ -109,13 +109,13 @@ def _ports(index: int, base: int) -> dict[str, int]:
     }
 
 
-def _run(deployment: Deployment, workload: Workload, total: int, label: str, **load: Any) -> LoadResult:
+def run_metered(deployment: Deployment, workload: Workload, total: int, label: str, **load: Any) -> LoadResult:
     return server_cpu.metered(deployment, lambda: asyncio.run(
         run_load(deployment.address, workload.request, total, progress=Progress(total, label), **load)
     ))
 
 
-def _warm(deployment: Deployment, workload: Workload, count: int) -> None:
+def warm(deployment: Deployment, workload: Workload, count: int) -> None:
     asyncio.run(run_load(deployment.address, workload.request, count, concurrency=count))
 
 
@@ -199,14 +199,14 @@ def main(argv: list[str] | None = None) -> int:
         for index, setup in enumerate(setups):
             overrides = {
                 **setup.overrides(str(model_path), args.dtype, args.vision_batch_tiles, args.kv_blocks),
-                **_ports(index, args.port_base),
+                **setup_ports(index, args.port_base),
             }
             bound = f"; cpus {list(setup.vision_cpus)} + {list(setup.llm_cpus)}" if setup.llm_cpus else ""
             print(f"starting {setup.name} ({setup.mode}, vision {setup.vision_threads} + llm {setup.llm_threads} threads{bound}"
                   f"{'' if setup.llm_device == 'cpu' else f'; vision on {setup.vision_device}, llm on {setup.llm_device}'})")
             deployments[setup.name] = Deployment(BASE_CONFIG, overrides, log_dir=log_dir / setup.name).start(600)
             for workload in loads:  # every setup meets every image size before it is measured
-                _warm(deployments[setup.name], workload, 2)
+                warm(deployments[setup.name], workload, 2)
 
         texts = {w.name: single_stage.text_twin(deployments["dvd"], w, model_path) for w in loads}
         closed_runs: dict[tuple[str, str], list[LoadResult]] = defaultdict(list)
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                                     ("colocated-b", workload), ("colocated-a", workload)):
                     deployment = deployments["dvd" if setup == "llm-only" else setup]
                     closed_runs[(setup, workload.name)].append(
-                        _run(deployment, load, requests, f"{setup} {workload.name}{suffix}",
+                        run_metered(deployment, load, requests, f"{setup} {workload.name}{suffix}",
                              concurrency=args.concurrency))
 
         closed = {key: summarize(results) for key, results in closed_runs.items()}
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         rate_load = next(w for w in loads if w.name == args.rate_size)
         # One request at a time: each stage's cost with no queueing, at each setup's thread budget.
         for setup in setups:
-            result = _run(deployments[setup.name], rate_load, args.unloaded_requests, f"{setup.name} one at a time",
+            result = run_metered(deployments[setup.name], rate_load, args.unloaded_requests, f"{setup.name} one at a time",
                           concurrency=1)
             runs.append({"setup": setup.name, "workload": rate_load.name, "load": "closed-1", **result.summary()})
 
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         for fraction in fractions if capacity > 0 else []:
             rate = fraction * capacity
             for setup in setups:
-                result = _run(deployments[setup.name], rate_load, args.requests, f"{setup.name} @{rate:.2f} req/s",
+                result = run_metered(deployments[setup.name], rate_load, args.requests, f"{setup.name} @{rate:.2f} req/s",
                               rate=rate)
                 runs.append({"setup": setup.name, "workload": rate_load.name, "load": f"rate-{rate:.2f}",
                              "rate_fraction": fraction, **result.summary()})

@@ -3,8 +3,9 @@
 `RemoteMedia` sends one VisionJob per image or video to the vision servers, waits inside the
 pipeline's vision stage for the first part of every answer, builds the prompt from the
 reported per-tile token counts and hands the engine the rows: ready, or, when an answer comes
-in several parts, an ArrivingRows that the request's feeder task fills as the parts arrive. The colocated baseline provides the same
-`engine_request` method but encodes inline on the engine thread (pipeline/colocated.py).
+in several parts, an ArrivingRows that the request's feeder task fills as the parts arrive.
+The colocated baseline provides the same `engine_request` method but encodes inline on the
+engine thread (pipeline/colocated.py).
 """
 
 from __future__ import annotations
