@@ -71,14 +71,14 @@ class ArrivingRows:
             raise ValueError(f"job {job}: rows from {job_row} arrived, expected {self.received[job]}")
         place_rows(self.tensor, self.placements[job], job_row, rows)
         self.received[job] = job_row + rows.shape[0]
-        self.ready_rows = self.count_ready()
+        self.ready_rows = self._count_ready()
         self._changed()
 
     def fail(self, error: BaseException) -> None:
         self.error = error
         self._changed()
 
-    def count_ready(self) -> int:
+    def _count_ready(self) -> int:
         """Leading rows, in prompt order, whose jobs have sent them."""
         ready = 0
         for row, length, job, job_row in self._order:
