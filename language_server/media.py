@@ -144,15 +144,16 @@ def per_media(
     layouts, placements = media_placements(req, jobs, [header for header, _ in answers])
     if not layouts:
         return layouts, None
-    rows = empty_rows([tensor for _, tensor in answers], sum(layout.rows for layout in layouts))
-    for job, (_, tensor) in enumerate(answers):
-        place_rows(rows, placements[job], 0, tensor)
-    return layouts, rows
+    return layouts, placed_rows(layouts, placements, [tensor for _, tensor in answers])
 
 
-def empty_rows(parts: list[torch.Tensor], rows: int) -> torch.Tensor:
-    """Room for `rows` feature rows as wide, and of the same dtype, as the answers' parts."""
-    return torch.empty(rows, parts[0].shape[1], dtype=parts[0].dtype)
+def placed_rows(layouts: list[MediaLayout], placements: list[list[Placement]], parts: list[torch.Tensor]) -> torch.Tensor:
+    """The prompt's feature rows, with each job's first part (its whole answer, or the start of
+    it) put in place; rows of parts still to come are left unset."""
+    rows = torch.empty(sum(layout.rows for layout in layouts), parts[0].shape[1], dtype=parts[0].dtype)
+    for job, part in enumerate(parts):
+        place_rows(rows, placements[job], 0, part)
+    return rows
 
 
 def check_text_length(prompts: PromptBuilder, req: GenerationRequest, max_model_len: int) -> None:
@@ -223,16 +224,10 @@ class RemoteMedia:
             layouts, placements = media_placements(req, jobs, headers)
             prompt = fill_prompt(skeleton, layouts, max_len)
             trace.record(headers, prompt)
-            tensor = empty_rows([f.tensor for f in firsts], sum(layout.rows for layout in layouts))
-            rows: torch.Tensor | ArrivingRows = tensor
-            if all(h.is_last for h in headers):
-                for job, first in enumerate(firsts):
-                    place_rows(tensor, placements[job], 0, first.tensor)
-            else:
+            rows: torch.Tensor | ArrivingRows = placed_rows(layouts, placements, [f.tensor for f in firsts])
+            if not all(h.is_last for h in headers):
                 positions = [i for i, t in enumerate(prompt.token_ids) if t == self.prompts.img_context]
-                rows = ArrivingRows(tensor, placements, positions)
-                for job, first in enumerate(firsts):
-                    rows.put(job, 0, first.tensor)
+                rows = ArrivingRows(rows, placements, positions, received=[f.tensor.shape[0] for f in firsts])
         except BaseException:
             await close_streams(streams)
             raise

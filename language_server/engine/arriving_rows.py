@@ -42,19 +42,24 @@ class ArrivingRows:
     is called after every change so that an idle engine wakes up.
     """
 
-    def __init__(self, tensor: torch.Tensor, placements: list[list[Placement]], positions: list[int]) -> None:
+    def __init__(
+        self, tensor: torch.Tensor, placements: list[list[Placement]], positions: list[int],
+        received: list[int] | None = None,
+    ) -> None:
+        """`received`: rows of each job's answer already in `tensor` (default none)."""
         if len(positions) != tensor.shape[0]:
             raise ValueError(f"{len(positions)} placeholder positions for {tensor.shape[0]} rows")
         self.tensor = tensor
         self.placements = placements
         self.positions = positions  # prompt index of each row's placeholder token
-        self.received = [0] * len(placements)  # rows of each job's answer in place (parts come in row order)
-        self.ready_rows = 0  # leading rows, in prompt order, all in place
+        # rows of each job's answer in place (parts come in row order)
+        self.received = list(received) if received is not None else [0] * len(placements)
         self.error: BaseException | None = None
         self.notify: Callable[[], None] | None = None
         self._order = sorted(
             ((p.row, p.length, job, p.job_row) for job, places in enumerate(placements) for p in places)
         )
+        self.ready_rows = self._count_ready()  # leading rows, in prompt order, all in place
 
     @property
     def complete(self) -> bool:
