@@ -31,6 +31,8 @@ def efficiency(closed: dict, workload: str) -> dict[str, Any]:
         row[f"dvd_{stage}_cpu_cores"] = dvd_cores[index]
         row[f"dvd_{stage}_cpu_s_per_request"] = _per_request(dvd, dvd_cores[index])
         row[f"alone_{stage}_cpu_s_per_request"] = _per_request(single, server_cores(single)[index])
+    row["dvd_llm_decode_batch"] = dvd.get("llm_decode_batch", float("nan"))
+    row["alone_llm_decode_batch"] = closed[("llm-only", workload)].get("llm_decode_batch", float("nan"))
     return row
 
 
@@ -109,13 +111,15 @@ def markdown(report: dict[str, Any]) -> str:
          ("alone_vision_cpu_s_per_request", "vision-only"),
          ("dvd_language_cpu_cores", "DvD language server busy (cores)"),
          ("dvd_language_cpu_s_per_request", "LLM CPU s/request in DvD"),
-         ("alone_language_cpu_s_per_request", "LLM-only")],
+         ("alone_language_cpu_s_per_request", "LLM-only"),
+         ("dvd_llm_decode_batch", "LLM decode batch in DvD"), ("alone_llm_decode_batch", "LLM-only")],
     )
     cpu = markdown_table(
         [{"setup": run["setup"], "workload": run["workload"], "load": run["load"],
-          **dict(zip(("vision", "language"), server_cores(run)))} for run in report["runs"]],
+          **dict(zip(("vision", "language"), server_cores(run))),
+          "decode_batch": run.get("llm_decode_batch", float("nan"))} for run in report["runs"]],
         [("setup", "setup"), ("workload", "images"), ("load", "load"), ("vision", "vision server(s)"),
-         ("language", "language or colocated server")],
+         ("language", "language or colocated server"), ("decode_batch", "LLM decode batch")],
     )
     fixed_rate = markdown_table(
         _rate_rows(report["runs"]),
@@ -141,8 +145,12 @@ def markdown(report: dict[str, Any]) -> str:
             "process): busy cores = CPU seconds / wall seconds; with one thread per server, the slower "
             "stage's figure is how much of the run the pipeline kept it at work. CPU seconds per request "
             "higher in DvD than alone mean the stage ran slower beside the other one (shared caches, "
-            f"memory bandwidth, or a slow spell between the runs).\n\n{stage_cpu}\n\n"
-            f"## CPU cores busy per server process during each run\n\n{cpu}\n\n"
+            "memory bandwidth, or a slow spell between the runs) or, for the LLM, with fewer sequences per "
+            "step: the decode batch is the mean number of sequences sampled per engine step, and in a "
+            "closed loop the requests still at DvD's vision stage are missing from it, while each step "
+            f"pays for the whole LM head whatever its batch.\n\n{stage_cpu}\n\n"
+            "## CPU cores busy per server process during each run, and the LLM's decode batch\n\n"
+            f"{cpu}\n\n"
             f"## Where the time goes at {report['args']['rate_size']} (mean seconds per request, server-side "
             f"spans)\n\n{stages}\n")
 

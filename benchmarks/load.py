@@ -49,6 +49,7 @@ class LoadResult:
     finished: float = 0.0
     first_wave: int = 0  # requests sent together at the start (a closed loop's concurrency)
     server_cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per server process during the run
+    engine_counters: dict[str, float] = field(default_factory=dict)  # the LLM engine's step counters during the run
 
     def summary(self) -> dict[str, float | list[float | None]]:
         return summarize([self])
@@ -88,6 +89,7 @@ def summarize(results: list[LoadResult]) -> dict[str, float | list[float | None]
         "ttft_by_send_order_s": [r.ttft_s for r in records],
         **_span_means(ok),
         **_cpu_cores(results, wall),
+        **_engine_steps(results),
     }
 
 
@@ -108,6 +110,20 @@ def _cpu_cores(results: list[LoadResult], wall: float) -> dict[str, float]:
     """`<server>_cpu_cores`: the CPU seconds each server process spent over the runs' wall time."""
     names = {name for result in results for name in result.server_cpu_s}
     return {f"{name}_cpu_cores": sum(r.server_cpu_s.get(name, 0.0) for r in results) / wall for name in sorted(names)}
+
+
+def _engine_steps(results: list[LoadResult]) -> dict[str, float]:
+    """`llm_steps` and `llm_decode_batch` (tokens sampled per sampling step: the mean number of
+    sequences that shared the LM head), over the runs whose engine counters were read."""
+    counted = [r.engine_counters for r in results if r.engine_counters]
+    if not counted:
+        return {}
+    total = {name: sum(c.get(name, 0.0) for c in counted) for name in counted[0]}
+    sampling = total.get("dvd_engine_sampling_steps_total", 0.0)
+    return {
+        "llm_steps": total.get("dvd_engine_steps_total", float("nan")),
+        "llm_decode_batch": total.get("dvd_engine_sampled_tokens_total", 0.0) / sampling if sampling else float("nan"),
+    }
 
 
 def _steady_throughput(results: list[LoadResult]) -> float:

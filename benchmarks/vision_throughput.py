@@ -25,12 +25,12 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 from benchmarks.report import markdown_table, write_json
+from benchmarks.server_cpu import scrape
 from benchmarks.workloads import PHOTOS, SIZES, photo
 from pipeline.channels import PushChannel
 from pipeline.config import TransportConfig
@@ -51,12 +51,6 @@ def free_ports(count: int) -> list[int]:
     finally:
         for sock in sockets:
             sock.close()
-
-
-def scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
-        lines = response.read().decode().splitlines()
-    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines if line and line[0] != "#"}
 
 
 def images() -> list[bytes]:
@@ -131,9 +125,9 @@ def throughput(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
             drive(job_port, data, min(8, args.jobs), args.concurrency)  # warm-up
         for _ in range(args.repeats):
             for runs, (_, job_port, metrics_port) in zip(measured, servers):
-                before = scrape(metrics_port)
+                before = scrape("127.0.0.1", metrics_port)
                 tiles, seconds = drive(job_port, data, args.jobs, args.concurrency)
-                after = scrape(metrics_port)
+                after = scrape("127.0.0.1", metrics_port)
                 runs.append({"tiles": tiles, "seconds": seconds,
                              "batches": after["dvd_vision_batch_tiles_count"] - before["dvd_vision_batch_tiles_count"],
                              "batch_tiles": after["dvd_vision_batch_tiles_sum"] - before["dvd_vision_batch_tiles_sum"]})
@@ -173,7 +167,7 @@ def vir_savings(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]
             "language.grpc_port": ports[3], "language.feature_port": ports[4], "language.metrics_port": ports[5],
         }
         with Deployment(CONFIG, overrides, log_dir=log_dir / f"vir-{mode}") as deployment:
-            before = scrape(ports[2])
+            before = scrape("127.0.0.1", ports[2])
             with DvDClient(deployment.address, timeout_s=TIMEOUT_S) as client:
                 futures = [
                     client.stub.GenerateUnary.future(
@@ -184,7 +178,7 @@ def vir_savings(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]
                     for d in data
                 ]
                 results = [f.result() for f in futures]
-            after = scrape(ports[2])
+            after = scrape("127.0.0.1", ports[2])
         compressed = after.get('dvd_vision_vir_tiles_total{tokens="64"}', 0.0) - before.get(
             'dvd_vision_vir_tiles_total{tokens="64"}', 0.0)
         tiles = sum(r.usage.image_tiles for r in results)

@@ -30,9 +30,19 @@ class _EngineCounters:
         self.engine = engine
 
     def collect(self):
+        engine = self.engine
         yield CounterMetricFamily(
             "dvd_engine_preemptions", "Sequences preempted (KV blocks freed, recomputed later)",
-            value=self.engine.num_preemptions,
+            value=engine.num_preemptions,
+        )
+        yield CounterMetricFamily("dvd_engine_steps", "Batched model steps", value=engine.num_steps)
+        yield CounterMetricFamily(
+            "dvd_engine_sampling_steps", "Model steps that sampled at least one token", value=engine.num_sampling_steps
+        )
+        yield CounterMetricFamily(
+            "dvd_engine_sampled_tokens",
+            "Tokens sampled, one per sequence per sampling step (/ sampling steps = mean decode batch)",
+            value=engine.num_sampled_rows,
         )
 
 

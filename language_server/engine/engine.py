@@ -130,6 +130,18 @@ class Engine:
     def num_preemptions(self) -> int:
         return self.scheduler.num_preemptions
 
+    @property
+    def num_steps(self) -> int:
+        return self.scheduler.num_steps
+
+    @property
+    def num_sampling_steps(self) -> int:
+        return self.scheduler.num_sampling_steps
+
+    @property
+    def num_sampled_rows(self) -> int:
+        return self.scheduler.num_sampled_rows
+
     # ----- the stepping thread ------------------------------------------------------------
     def step(self) -> list[EngineOutput]:
         """Take in new requests and aborts, run one batched model step, and return (as well as

@@ -70,6 +70,9 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_partial_prefills = 0  # chunks that stopped short of a prompt's end
+        self.num_steps = 0  # batches scheduled
+        self.num_sampling_steps = 0  # of them, those that sample at least one token
+        self.num_sampled_rows = 0  # tokens sampled, summed over steps (rows of the LM head)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -93,7 +96,11 @@ class Scheduler:
                 batch.chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, length))
         if self.num_preemptions == preemptions_before:
             self._admit_waiting(batch)
-        self.num_partial_prefills += sum(1 for c in batch.chunks if not c.samples)
+        sampled = sum(1 for c in batch.chunks if c.samples)
+        self.num_partial_prefills += len(batch.chunks) - sampled
+        self.num_steps += bool(batch)
+        self.num_sampling_steps += bool(sampled)
+        self.num_sampled_rows += sampled
         return batch
 
     def finish(self, seq: Sequence) -> None:

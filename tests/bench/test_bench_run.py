@@ -73,10 +73,13 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
         assert 0 < efficiency["dvd_language_cpu_cores"] <= os.cpu_count()
         for key in ("dvd_vision", "alone_vision", "dvd_language", "alone_language"):
             assert 0 < efficiency[f"{key}_cpu_s_per_request"] < math.inf
+        # two requests in flight: a sampling step holds one or both of them
+        assert 1 <= efficiency["dvd_llm_decode_batch"] <= 2 and 1 <= efficiency["alone_llm_decode_batch"] <= 2
     cpu = {(run["setup"], run["workload"], run["load"]): run for run in result["runs"]}
     assert cpu[("llm-only", "448px", "closed-2")]["language_cpu_cores"] > 0
     assert cpu[("colocated-b", "448px", "closed-2")]["colocated_cpu_cores"] > 0
     assert "## CPU cores busy per server process" in path.with_suffix(".md").read_text()
+    assert 1 <= cpu[("colocated-b", "448px", "closed-2")]["llm_decode_batch"] <= 2
     assert result["args"]["bind_cpus"] == bind
 
 

@@ -22,11 +22,12 @@ def summary(req_s: float, steady_req_s: float, ttft_p99: float = 1.0, after_firs
 
 
 CLOSED = {
-    ("dvd", "896px"): summary(1.5, 1.6, ttft_p99=3.0, after_first_wave=2.0, vision_0=0.6, language=0.9),
+    ("dvd", "896px"): {**summary(1.5, 1.6, ttft_p99=3.0, after_first_wave=2.0, vision_0=0.6, language=0.9),
+                       "llm_decode_batch": 6.5},
     ("colocated-a", "896px"): summary(0.75, 0.8, ttft_p99=6.0),
     ("colocated-b", "896px"): summary(1.2, 2.0, ttft_p99=4.0, after_first_wave=2.5),
     ("vision-only", "896px"): summary(2.0, 2.0, vision_0=1.0, language=0.01),
-    ("llm-only", "896px"): summary(1.6, 3.2, language=1.0),
+    ("llm-only", "896px"): {**summary(1.6, 3.2, language=1.0), "llm_decode_batch": 7.5},
 }
 
 
@@ -53,9 +54,12 @@ def test_efficiency_splits_into_busy_cores_and_cpu_per_request() -> None:
     assert math.isclose(row["alone_language_cpu_s_per_request"], 1.0 * 10 / 16)
     assert math.isclose(row["dvd_vision_cpu_s_per_request"], 0.6 * 10 / 15)
     assert math.isclose(row["alone_vision_cpu_s_per_request"], 1.0 * 10 / 20)
-    unmeasured = {key: {k: v for k, v in s.items() if not k.endswith("_cpu_cores")} for key, s in CLOSED.items()}
+    assert (row["dvd_llm_decode_batch"], row["alone_llm_decode_batch"]) == (6.5, 7.5)
+    unmeasured = {key: {k: v for k, v in s.items() if not k.endswith(("_cpu_cores", "_decode_batch"))}
+                  for key, s in CLOSED.items()}
     row = comparison.efficiency(unmeasured, "896px")
     assert math.isnan(row["dvd_language_cpu_cores"]) and math.isnan(row["alone_vision_cpu_s_per_request"])
+    assert math.isnan(row["dvd_llm_decode_batch"])
 
 
 def test_markdown_pairs_fixed_rate_runs_by_their_fraction() -> None:

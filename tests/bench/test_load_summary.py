@@ -97,3 +97,16 @@ def test_server_cpu_is_pooled_over_the_runs_wall_time() -> None:
     assert summary["vision-0_cpu_cores"] == 5.0 / 10
     assert summary["language_cpu_cores"] == 9.0 / 10
     assert not any(key.endswith("_cpu_cores") for key in summarize([closed_loop([1.0], concurrency=1)]))
+
+
+def test_engine_steps_are_pooled_into_the_mean_decode_batch() -> None:
+    first = closed_loop([1.0, 2.0], concurrency=1)
+    first.engine_counters = {"dvd_engine_steps_total": 12.0, "dvd_engine_sampling_steps_total": 10.0,
+                             "dvd_engine_sampled_tokens_total": 30.0}
+    second = closed_loop([1.0, 2.0], concurrency=1)
+    second.engine_counters = {"dvd_engine_steps_total": 6.0, "dvd_engine_sampling_steps_total": 5.0,
+                              "dvd_engine_sampled_tokens_total": 30.0}
+    summary = summarize([first, second, closed_loop([1.0], concurrency=1)])  # the last one was not counted
+    assert summary["llm_steps"] == 18.0
+    assert summary["llm_decode_batch"] == 60.0 / 15.0
+    assert "llm_decode_batch" not in summarize([closed_loop([1.0], concurrency=1)])

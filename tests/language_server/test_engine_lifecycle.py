@@ -243,3 +243,23 @@ def test_auto_backend_is_sdpa_on_cpu_and_flash_attn_is_refused_here(make_engine)
     if not flash_attn_available():
         with pytest.raises(ValueError, match="flash_attn"):
             make_engine(attn_backend="flash_attn")
+
+
+def test_step_counters_count_each_step_and_each_sampled_token(make_engine, mixed_cases):
+    """What /metrics reports as steps, sampling steps and sampled tokens (their ratio is the mean
+    decode batch): a 300-token prompt prefilled in 64-token chunks runs steps that sample nothing."""
+    engine = make_engine(max_num_batched_tokens=64)
+    story, short = mixed_cases[2], mixed_cases[0]  # ~300 and ~20 prompt tokens
+    sinks = {c.request_id: Collected() for c in (story, short)}
+    for case, new in ((story, 5), (short, 3)):
+        engine.add_request(replace(case, max_new_tokens=new).request(ignore_eos=True), sinks[case.request_id])
+    steps = sampling_steps = sampled = 0
+    while not all(s.finished for s in sinks.values()):
+        assert steps < 100, "requests unfinished after 100 steps"
+        outputs = engine.step()
+        steps += 1
+        sampling_steps += bool(outputs)
+        sampled += len(outputs)
+    assert sampled == 5 + 3 == sum(len(s.token_ids) for s in sinks.values())
+    assert (engine.num_steps, engine.num_sampling_steps, engine.num_sampled_rows) == (steps, sampling_steps, sampled)
+    assert steps > sampling_steps  # the chunks of the long prompt that stop short of its end
