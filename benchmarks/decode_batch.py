@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -48,7 +49,7 @@ def run(engine: Engine, requests: int, in_flight: int, seed: int, prompt_tokens:
 
         return sink
 
-    steps, sampling, sampled = engine.num_steps, engine.num_sampling_steps, engine.num_sampled_rows
+    before = replace(engine.step_counts)
     cpu, wall = time.process_time(), time.perf_counter()
     while not all(finished):
         while sent < requests and sent - sum(finished) < in_flight:
@@ -58,12 +59,12 @@ def run(engine: Engine, requests: int, in_flight: int, seed: int, prompt_tokens:
             sent += 1
         engine.step()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    sampling = engine.num_sampling_steps - sampling
+    after = engine.step_counts
     return {
         "cpu_s_per_request": cpu / requests,
         "requests_per_s": requests / wall,
-        "steps": engine.num_steps - steps,
-        "decode_batch": (engine.num_sampled_rows - sampled) / sampling,
+        "steps": after.steps - before.steps,
+        "decode_batch": (after.sampled_tokens - before.sampled_tokens) / (after.sampling_steps - before.sampling_steps),
     }
 
 

@@ -35,14 +35,15 @@ class _EngineCounters:
             "dvd_engine_preemptions", "Sequences preempted (KV blocks freed, recomputed later)",
             value=engine.num_preemptions,
         )
-        yield CounterMetricFamily("dvd_engine_steps", "Batched model steps", value=engine.num_steps)
+        counts = engine.step_counts
+        yield CounterMetricFamily("dvd_engine_steps", "Batched model steps", value=counts.steps)
         yield CounterMetricFamily(
-            "dvd_engine_sampling_steps", "Model steps that sampled at least one token", value=engine.num_sampling_steps
+            "dvd_engine_sampling_steps", "Model steps that sampled at least one token", value=counts.sampling_steps
         )
         yield CounterMetricFamily(
             "dvd_engine_sampled_tokens",
             "Tokens sampled, one per sequence per sampling step (/ sampling steps = mean decode batch)",
-            value=engine.num_sampled_rows,
+            value=counts.sampled_tokens,
         )
 
 

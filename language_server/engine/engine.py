@@ -16,7 +16,7 @@ from language_server.engine.block_manager import BlockManager
 from language_server.engine.kv_cache import KVCache, KVCacheSpec, plan_num_blocks
 from language_server.engine.model_runner import ModelRunner
 from language_server.engine.sampling import Sampler
-from language_server.engine.scheduler import ScheduledBatch, Scheduler
+from language_server.engine.scheduler import ScheduledBatch, Scheduler, StepCounts
 from language_server.engine.sequence import EngineOutput, EngineRequest, Sequence
 from language_server.model import LanguageModel
 from pipeline.config import LanguageConfig
@@ -131,16 +131,9 @@ class Engine:
         return self.scheduler.num_preemptions
 
     @property
-    def num_steps(self) -> int:
-        return self.scheduler.num_steps
-
-    @property
-    def num_sampling_steps(self) -> int:
-        return self.scheduler.num_sampling_steps
-
-    @property
-    def num_sampled_rows(self) -> int:
-        return self.scheduler.num_sampled_rows
+    def step_counts(self) -> StepCounts:
+        """Steps, sampling steps and sampled tokens so far (a live view)."""
+        return self.scheduler.counts
 
     # ----- the stepping thread ------------------------------------------------------------
     def step(self) -> list[EngineOutput]:

@@ -29,6 +29,15 @@ class ScheduledChunk:
 
 
 @dataclass
+class StepCounts:
+    """What the scheduler has scheduled so far; sampled_tokens / sampling_steps is the mean decode batch."""
+
+    steps: int = 0  # batches scheduled
+    sampling_steps: int = 0  # of them, those that sample at least one token
+    sampled_tokens: int = 0  # one per sequence per sampling step (rows of the LM head)
+
+
+@dataclass
 class ScheduledBatch:
     chunks: list[ScheduledChunk] = field(default_factory=list)
 
@@ -70,9 +79,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.num_preemptions = 0
         self.num_partial_prefills = 0  # chunks that stopped short of a prompt's end
-        self.num_steps = 0  # batches scheduled
-        self.num_sampling_steps = 0  # of them, those that sample at least one token
-        self.num_sampled_rows = 0  # tokens sampled, summed over steps (rows of the LM head)
+        self.counts = StepCounts()
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -98,9 +105,9 @@ class Scheduler:
             self._admit_waiting(batch)
         sampled = sum(1 for c in batch.chunks if c.samples)
         self.num_partial_prefills += len(batch.chunks) - sampled
-        self.num_steps += bool(batch)
-        self.num_sampling_steps += bool(sampled)
-        self.num_sampled_rows += sampled
+        self.counts.steps += bool(batch)
+        self.counts.sampling_steps += bool(sampled)
+        self.counts.sampled_tokens += sampled
         return batch
 
     def finish(self, seq: Sequence) -> None:

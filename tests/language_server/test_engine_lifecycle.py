@@ -261,5 +261,6 @@ def test_step_counters_count_each_step_and_each_sampled_token(make_engine, mixed
         sampling_steps += bool(outputs)
         sampled += len(outputs)
     assert sampled == 5 + 3 == sum(len(s.token_ids) for s in sinks.values())
-    assert (engine.num_steps, engine.num_sampling_steps, engine.num_sampled_rows) == (steps, sampling_steps, sampled)
+    counts = engine.step_counts
+    assert (counts.steps, counts.sampling_steps, counts.sampled_tokens) == (steps, sampling_steps, sampled)
     assert steps > sampling_steps  # the chunks of the long prompt that stop short of its end
