@@ -10,10 +10,37 @@ import sys
 import torch
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+MMAP_THRESHOLD = 32 << 20  # glibc's ceiling for it on 64-bit systems
+TRIM_THRESHOLD = 1 << 30
+MALLOC_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+
+
+def keep_freed_memory() -> bool:
+    """glibc: serve blocks up to 32 MB from the heap and keep freed memory there for reuse.
+
+    By default glibc maps every block over 128 kB fresh from the kernel, or trims it back on
+    free, so each engine step page-faults its way through memory it released a step earlier: a
+    [8, 151k] float32 logits tensor (4.8 MB) cost 3 ms to allocate, 20 times the subtraction
+    that filled it. With these settings the bench's LLM spent 9 % less CPU per request
+    (0.658 against 0.723 s, four alternating rounds in one process). The price is a resident
+    size that stays at its peak. Returns whether the settings were applied: not where the
+    environment sets glibc's own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_, nor off glibc."""
+    if any(name in os.environ for name in MALLOC_ENV):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+
+
 def configure_torch(threads: int, cpus: tuple[int, ...] = ()) -> None:
     """Apply the configured CPU budget: bind this process to `cpus` (empty: leave it unbound), then
-    set torch's intra-op threads (0: one per bound CPU, or torch's default when unbound).
+    set torch's intra-op threads (0: one per bound CPU, or torch's default when unbound). Also
+    keeps freed memory in the heap (`keep_freed_memory`).
     Exits with status 2 when `cpus` names CPUs this process may not use."""
+    keep_freed_memory()
     if cpus:
         bind_cpus(cpus)
         threads = threads or len(cpus)
