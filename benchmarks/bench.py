@@ -12,7 +12,13 @@ machine, it did not raise efficiency (0.86 / 0.82 bound against 0.87 / 0.89 unbo
 steady, at 896 px), and every earlier figure was measured unbound.
 Loads: closed-loop concurrency at three image sizes (about 1, 5 and 10 tiles; `--requests` per
 run at the middle size, where the targets are, and `--other-size-requests` at the others) and
-fixed Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity). A
+fixed Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity,
+`--rate-requests` per run). The closed loop saturates every setup: its `--concurrency` (12) is
+above the LLM's batch limit (`--max-num-seqs`, 8, the same in every setup), so a queue stands in
+front of the LLM in DvD as in LLM-only and colocated. With the concurrency at the batch limit
+(8, the default before 2026-11-23), the LLM alone ran all 8 requests in each step while DvD's
+LLM ran only those not at the vision stage (5.7-5.9 of 8 at 896 px) and paid the whole LM head
+per step for fewer tokens, which held pipeline efficiency near 0.9. A
 closed loop starts with all its workers' requests at once; TTFT p99 is reported over every
 request and, separately, over those after that first wave. Pipeline efficiency = DvD req/s
 divided by min(vision-only req/s, LLM-only req/s): vision-only sends the same images straight
@@ -78,9 +84,11 @@ class Setup:
     vision_cpus: tuple[int, ...] = ()
     llm_cpus: tuple[int, ...] = ()
 
-    def overrides(self, model_path: str, dtype: str, batch_tiles: int, kv_blocks: int) -> dict[str, Any]:
+    def overrides(self, model_path: str, dtype: str, batch_tiles: int, kv_blocks: int,
+                  max_num_seqs: int) -> dict[str, Any]:
         return {
             "language.num_kv_blocks": kv_blocks,
+            "language.max_num_seqs": max_num_seqs,
             "vision.device": self.vision_device,
             "language.device": self.llm_device,
             "vision.max_batch_tiles": batch_tiles,
@@ -134,10 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vision-threads", type=int, default=1)
     parser.add_argument("--bind-cpus", action="store_true",
                         help="bind each server to CPUs of its own (needs vision + llm threads CPUs)")
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, default=48,
-                        help="requests per run at --rate-size (a closed loop's first wave and final drain weigh less "
-                             "in longer runs)")
+    parser.add_argument("--concurrency", type=int, default=12,
+                        help="closed-loop workers (above --max-num-seqs, so that the LLM has a queue in every setup)")
+    parser.add_argument("--max-num-seqs", type=int, default=8,
+                        help="language.max_num_seqs (the LLM's batch limit) of every setup")
+    parser.add_argument("--requests", type=int, default=72,
+                        help="closed-loop requests per run at --rate-size (its first wave and final drain weigh less "
+                             "in longer runs; the steady state lies between the --concurrency-th completion and "
+                             "the --concurrency-th before the last)")
+    parser.add_argument("--rate-requests", type=int, default=48, help="requests per fixed-rate run")
     parser.add_argument("--other-size-requests", type=int, default=32,
                         help="requests per closed-loop run at the other sizes (default 32: 1344 px alone took half "
                              "of a 48-request bench)")
@@ -153,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--unloaded-requests", type=int, default=6,
                         help="requests sent one at a time to each setup at --rate-size (latency without queueing)")
     parser.add_argument("--kv-blocks", type=int, default=None,
-                        help="KV-cache blocks of the LLM in every setup (default: room for --concurrency requests "
+                        help="KV-cache blocks of the LLM in every setup (default: room for --max-num-seqs requests "
                              f"of {KV_TOKENS_PER_REQUEST} prompt tokens plus --output-tokens; the same pool for all, "
                              "whatever memory each process found free when it started)")
     parser.add_argument("--port-base", type=int, default=PORT_BASE,
@@ -170,8 +183,10 @@ def main(argv: list[str] | None = None) -> int:
         fractions = []
     if not fractions or not all(f > 0 for f in fractions):
         parser.error(f"--rate-fractions must be numbers > 0, got {args.rate_fractions!r}")
-    if args.requests < 1 or args.other_size_requests < 1:
-        parser.error("--requests and --other-size-requests must be >= 1")
+    if min(args.requests, args.other_size_requests, args.rate_requests) < 1:
+        parser.error("--requests, --other-size-requests and --rate-requests must be >= 1")
+    if min(args.concurrency, args.max_num_seqs) < 1:
+        parser.error("--concurrency and --max-num-seqs must be >= 1")
 
     vision_cpus, llm_cpus = _cpus(args, parser)
 
@@ -185,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.kv_blocks is None:
         per_request = -(-(KV_TOKENS_PER_REQUEST + args.output_tokens) // LanguageConfig.block_size)
         one_longest = -(-LanguageConfig.max_model_len // LanguageConfig.block_size)
-        args.kv_blocks = max(args.concurrency * per_request, one_longest)
+        args.kv_blocks = max(min(args.concurrency, args.max_num_seqs) * per_request, one_longest)
     setups = [
         Setup("dvd", "decoupled", args.vision_threads, args.llm_threads, vision_device, args.device,
               vision_cpus, llm_cpus),
@@ -198,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for index, setup in enumerate(setups):
             overrides = {
-                **setup.overrides(str(model_path), args.dtype, args.vision_batch_tiles, args.kv_blocks),
+                **setup.overrides(str(model_path), args.dtype, args.vision_batch_tiles, args.kv_blocks,
+                                  args.max_num_seqs),
                 **setup_ports(index, args.port_base),
             }
             bound = f"; cpus {list(setup.vision_cpus)} + {list(setup.llm_cpus)}" if setup.llm_cpus else ""
@@ -247,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         for fraction in fractions if capacity > 0 else []:
             rate = fraction * capacity
             for setup in setups:
-                result = run_metered(deployments[setup.name], rate_load, args.requests, f"{setup.name} @{rate:.2f} req/s",
+                result = run_metered(deployments[setup.name], rate_load, args.rate_requests, f"{setup.name} @{rate:.2f} req/s",
                               rate=rate)
                 runs.append({"setup": setup.name, "workload": rate_load.name, "load": f"rate-{rate:.2f}",
                              "rate_fraction": fraction, **result.summary()})

@@ -40,10 +40,10 @@ def test_a_bfloat16_model_holds_the_float32_draws_rounded() -> None:
 
 def test_setup_devices_reach_each_servers_config() -> None:
     setup = Setup("dvd", "decoupled", 1, 2, vision_device="cuda:1", llm_device="cuda:0")
-    config = load_config(BASE_CONFIG, setup.overrides("/models/any", "bfloat16", 64, kv_blocks=4128))
+    config = load_config(BASE_CONFIG, setup.overrides("/models/any", "bfloat16", 64, kv_blocks=4128, max_num_seqs=8))
     assert (config.vision.device, config.language.device) == ("cuda:1", "cuda:0")
-    assert config.language.num_kv_blocks == 4128
+    assert (config.language.num_kv_blocks, config.language.max_num_seqs) == (4128, 8)
     assert (config.vision.threads, config.language.threads) == (1, 2)
     assert (config.vision.dtype, config.language.dtype, config.vision.max_batch_tiles) == ("bfloat16", "bfloat16", 64)
-    cpu = load_config(BASE_CONFIG, Setup("colocated-b", "colocated", 0, 2).overrides("/models/any", "float32", 1, 600))
+    cpu = load_config(BASE_CONFIG, Setup("colocated-b", "colocated", 0, 2).overrides("/models/any", "float32", 1, 600, 8))
     assert (cpu.mode, cpu.vision.device, cpu.language.device) == ("colocated", "cpu", "cpu")

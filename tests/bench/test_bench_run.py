@@ -40,7 +40,8 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     argv = ["--model", "tiny", "--sizes", "448px,896px", "--rate-size", "448px", "--requests", "4",
-            "--other-size-requests", "2", "--concurrency", "2", "--unloaded-requests", "1",
+            "--other-size-requests", "3", "--concurrency", "3", "--max-num-seqs", "2",
+            "--rate-requests", "2", "--unloaded-requests", "1",
             "--rate-fractions", "1.0", "--port-base", str(free_port_base(60))]
     bind = len(os.sched_getaffinity(0)) >= 2
     argv += ["--bind-cpus"] if bind else []
@@ -53,14 +54,15 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
 
     loads = {(run["setup"], run["load"]) for run in result["runs"]}
     for setup in SETUPS:
-        assert {(setup, "closed-2"), (setup, "closed-1")} <= loads
+        assert {(setup, "closed-3"), (setup, "closed-1")} <= loads
         assert any(s == setup and load.startswith("rate-") for s, load in loads)
-    assert {("vision-only", "closed-2"), ("llm-only", "closed-2")} <= loads
+    assert {("vision-only", "closed-3"), ("llm-only", "closed-3")} <= loads
     for run in result["runs"]:
         assert run["errors"] == 0 and run["completed"] == run["requests"], run
         assert run["request_throughput"] > 0
-    closed_requests = {(run["workload"], run["requests"]) for run in result["runs"] if run["load"] == "closed-2"}
-    assert closed_requests == {("448px", 4), ("896px", 2)}  # --requests at the rate size, fewer elsewhere
+    closed_requests = {(run["workload"], run["requests"]) for run in result["runs"] if run["load"] == "closed-3"}
+    assert closed_requests == {("448px", 4), ("896px", 3)}  # --requests at the rate size, fewer elsewhere
+    assert {run["requests"] for run in result["runs"] if run["load"].startswith("rate-")} == {2}
 
     assert [row["comparison"][:3] for row in result["ratios"]] == ["(a)", "(b)"] * 2
     for row in result["ratios"]:
@@ -73,14 +75,14 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
         assert 0 < efficiency["dvd_language_cpu_cores"] <= os.cpu_count()
         for key in ("dvd_vision", "alone_vision", "dvd_language", "alone_language"):
             assert 0 < efficiency[f"{key}_cpu_s_per_request"] < math.inf
-        # two requests in flight: a sampling step holds one or both of them
+        # three requests in flight and a batch limit of two: a sampling step holds one or two of them
         assert 1 <= efficiency["dvd_llm_decode_batch"] <= 2 and 1 <= efficiency["alone_llm_decode_batch"] <= 2
     cpu = {(run["setup"], run["workload"], run["load"]): run for run in result["runs"]}
-    assert cpu[("llm-only", "448px", "closed-2")]["language_cpu_cores"] > 0
-    assert cpu[("colocated-b", "448px", "closed-2")]["colocated_cpu_cores"] > 0
+    assert cpu[("llm-only", "448px", "closed-3")]["language_cpu_cores"] > 0
+    assert cpu[("colocated-b", "448px", "closed-3")]["colocated_cpu_cores"] > 0
     assert "## CPU cores busy per server process" in path.with_suffix(".md").read_text()
-    assert 1 <= cpu[("colocated-b", "448px", "closed-2")]["llm_decode_batch"] <= 2
-    assert result["args"]["bind_cpus"] == bind
+    assert 1 <= cpu[("colocated-b", "448px", "closed-3")]["llm_decode_batch"] <= 2
+    assert result["args"]["bind_cpus"] == bind and result["args"]["max_num_seqs"] == 2
 
 
 def test_bench_refuses_a_rate_size_it_does_not_run(capsys) -> None:
@@ -90,12 +92,20 @@ def test_bench_refuses_a_rate_size_it_does_not_run(capsys) -> None:
     assert "--rate-size 896px is not one of --sizes 448px" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag", ["--requests", "--other-size-requests"])
+@pytest.mark.parametrize("flag", ["--requests", "--other-size-requests", "--rate-requests"])
 def test_bench_refuses_runs_without_requests(flag, capsys) -> None:
     with pytest.raises(SystemExit) as stop:
         bench.main([flag, "0"])
     assert stop.value.code == 2
-    assert "--requests and --other-size-requests must be >= 1" in capsys.readouterr().err
+    assert "--requests, --other-size-requests and --rate-requests must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag", ["--concurrency", "--max-num-seqs"])
+def test_bench_refuses_an_empty_batch_or_loop(flag, capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        bench.main([flag, "0"])
+    assert stop.value.code == 2
+    assert "--concurrency and --max-num-seqs must be >= 1" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fractions", ["0", "0.5,-1", "fast"])
