@@ -6,9 +6,10 @@ The engine alone, on one thread, with `make bench`'s "small" LLM and prompts the
 896 px image requests (1,300 text tokens, 32 new tokens, `ignore_eos`): a closed loop keeps
 `--in-flight` requests in the engine, the settings measured in alternation over `--rounds`. A
 decode step pays for the whole LM head (151,675 x hidden) whatever its batch, so fewer
-sequences per step cost more per request; in `make bench`'s closed loop, DvD leaves its LLM
-fewer sequences than LLM-only does (the requests at the vision stage), which is what this
-measures on its own. Prints a table and writes JSON to benchmarks/results/.
+sequences per step cost more per request. A closed loop with no queue before the LLM (`make
+bench` before it saturated every setup: 8 workers, no batch limit below 8) leaves DvD's LLM
+fewer sequences than LLM-only (the requests at the vision stage); this measures that cost on
+its own. Prints a table and writes JSON to benchmarks/results/.
 """
 
 from __future__ import annotations
