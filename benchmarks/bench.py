@@ -150,10 +150,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="closed-loop requests per run at --rate-size (its first wave and final drain weigh less "
                              "in longer runs; the steady state lies between the --concurrency-th completion and "
                              "the --concurrency-th before the last)")
-    parser.add_argument("--rate-requests", type=int, default=48, help="requests per fixed-rate run")
-    parser.add_argument("--other-size-requests", type=int, default=32,
-                        help="requests per closed-loop run at the other sizes (default 32: 1344 px alone took half "
-                             "of a 48-request bench)")
+    parser.add_argument("--rate-requests", type=int, default=36, help="requests per fixed-rate run")
+    parser.add_argument("--other-size-requests", type=int, default=24,
+                        help="requests per closed-loop run at the other sizes (default 24, which leaves them no "
+                             "steady-state window at 12 workers: with 32 and 48 per fixed-rate run, a bench on a "
+                             "slow spell of the 2-core machine took 18.6 minutes)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="closed-loop rounds, interleaved and pooled in the report (N rounds take N times longer)")
     parser.add_argument("--output-tokens", type=int, default=32)
