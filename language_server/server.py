@@ -9,15 +9,12 @@ import signal
 from collections.abc import Callable
 
 import grpc
-import torch
 from transformers import AutoTokenizer
 
 from language_server import metrics
 from language_server.api import GenerationService
-from language_server.engine.async_engine import AsyncEngine
-from language_server.engine.engine import Engine
+from language_server.engines import start_engine
 from language_server.media import LocalVision, MediaStage, RemoteMedia
-from language_server.model import LanguageModel
 from language_server.prompt import PromptBuilder, template_mismatch
 from language_server.vision_client import VisionClient
 from pipeline.checkpoint import Checkpoint, CheckpointError, open_model
@@ -28,6 +25,7 @@ from pipeline.stages import Pipeline
 from pipeline.grpc_server import (
     NOT_SERVING,
     SERVING,
+    parameter_bytes,
     ApiKeyInterceptor,
     AsyncAdminService,
     ErrorInterceptor,
@@ -75,11 +73,9 @@ async def serve(
     """
     lc = config.language
     checkpoint = open_model(config.model.path, config.model.format)
-    model, loaded = LanguageModel.from_checkpoint(checkpoint, lc.device, getattr(torch, lc.dtype))
     tokenizer = load_tokenizer(checkpoint)
-    engine = Engine(model, tokenizer, lc)
-    engine.start()
-    metrics.watch_engine(engine)
+    engine = await start_engine(config, checkpoint, tokenizer)
+    metrics.watch_engine(engine.stats)
 
     interceptors = [ErrorInterceptor()]
     if lc.api_key:
@@ -95,19 +91,21 @@ async def serve(
             extra={"difference": mismatch, "checkpoint": str(checkpoint.path)},
         )
     vision: VisionClient | None = None
+    loaded, param_bytes = engine.loaded, engine.parameter_bytes
     if local_vision is None:
-        vision = VisionClient(config, model.hidden_size)
+        vision = VisionClient(config, engine.hidden_size)
         media: MediaStage = RemoteMedia(vision, prompts, config, pipeline, group_images=checkpoint.is_flash)
-        role, modules = "language", [model]
+        role = "language"
     else:
         media = local_vision.media_stage(prompts, pipeline)
-        role, modules = "colocated", [model, *local_vision.modules]
+        role = "colocated"
         loaded = sorted(loaded + local_vision.loaded_tensors)
+        param_bytes += parameter_bytes(local_vision.modules)
     service = GenerationService(
-        config, checkpoint, AsyncEngine(engine), media, pipeline, stop_token_ids(checkpoint, tokenizer)
+        config, checkpoint, engine.api, media, pipeline, stop_token_ids(checkpoint, tokenizer)
     )
     generate_pb2_grpc.add_GenerationServicer_to_server(service, server)
-    info = server_info(role, checkpoint, lc.dtype, lc.device, loaded, modules)
+    info = server_info(role, checkpoint, lc.dtype, lc.device, loaded, param_bytes)
     admin_pb2_grpc.add_AdminServicer_to_server(AsyncAdminService(info), server)
     health = add_health_and_reflection(server, ["dvd.v1.Generation", "dvd.v1.Admin"], aio=True)
     address = f"{lc.host}:{lc.grpc_port}"
@@ -117,7 +115,10 @@ async def serve(
     await server.start()
     await health.set("", SERVING)
     await health.set("dvd.v1.Generation", SERVING)
-    ready = {"address": address, "mode": config.mode, "system_prompt": prompts.system_prompt, "tls": tls_mode(lc)}
+    ready = {
+        "address": address, "mode": config.mode, "engine": lc.engine, "system_prompt": prompts.system_prompt,
+        "tls": tls_mode(lc),
+    }
     log.info(f"{role} server ready", extra=ready)
     try:
         await stop.wait()

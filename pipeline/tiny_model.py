@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-TINY_VERSION = 4  # 4: unlabelled images in the chat template
+TINY_VERSION = 5  # 4: unlabelled images in the chat template; 5: head_dim 32 (vLLM's CPU attention has no 16)
 FORMATS = ("hf", "original", "flash")
 
 # Qwen2.5 special tokens from 151643 on, then InternVL's own (<img> = 151665 ...).
@@ -59,7 +59,7 @@ TEXT_CONFIG = {
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
-    "head_dim": 16,
+    "head_dim": 32,
     "max_position_embeddings": 32768,
     "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0},
     "rms_norm_eps": 1e-6,

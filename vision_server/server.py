@@ -25,7 +25,7 @@ import grpc
 
 from pipeline.channels import PullChannel
 from pipeline.config import DvDConfig
-from pipeline.grpc_server import SERVING, AdminService, add_health_and_reflection, server_info
+from pipeline.grpc_server import SERVING, AdminService, add_health_and_reflection, parameter_bytes, server_info
 from pipeline.wire import JobStatus, VisionJob, WireError, error_header
 from proto.dvd.v1 import admin_pb2_grpc
 from vision_server import metrics
@@ -66,7 +66,7 @@ class VisionServer:
             vc.dtype,
             self.worker.device,
             self.worker.loaded_tensors,
-            self.worker.modules,
+            parameter_bytes(self.worker.modules),
         )
         admin_pb2_grpc.add_AdminServicer_to_server(AdminService(info), server)
         health = add_health_and_reflection(server, ["dvd.v1.Admin"], aio=False)

@@ -1,0 +1,46 @@
+"""The language server's engine, builtin or vLLM's, behind one face."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from language_server.engine.async_engine import AsyncEngine
+from language_server.engine.engine import Engine
+from language_server.model import LanguageModel
+from pipeline.checkpoint import Checkpoint
+from pipeline.config import DvDConfig
+from pipeline.grpc_server import parameter_bytes
+
+
+@dataclass
+class RunningEngine:
+    """A started engine: what the API streams from, what /metrics reads, and what it loaded."""
+
+    api: Any  # has `generate(EngineRequest)`: AsyncEngine or VllmEngine
+    stats: Any  # what metrics.watch_engine reads: Engine or VllmEngine
+    hidden_size: int
+    loaded: list[str]  # tensor or parameter names the engine holds
+    parameter_bytes: int
+    stop: Callable[[], None]
+
+
+async def start_engine(config: DvDConfig, checkpoint: Checkpoint, tokenizer) -> RunningEngine:  # noqa: ANN001
+    """Load the language model into the engine `language.engine` names, and start it."""
+    lc = config.language
+    hidden_size = checkpoint.text_config.hidden_size
+    if lc.engine == "vllm":
+        from language_server.vllm_engine.engine import VllmEngine
+
+        engine = VllmEngine.start(config, checkpoint, tokenizer)
+        parameters = await engine.parameters()
+        return RunningEngine(
+            engine, engine, hidden_size, sorted(name for name, _ in parameters), sum(n for _, n in parameters),
+            engine.stop,
+        )
+    model, loaded = LanguageModel.from_checkpoint(checkpoint, lc.device, getattr(torch, lc.dtype))
+    engine = Engine(model, tokenizer, lc)
+    engine.start()
+    return RunningEngine(AsyncEngine(engine), engine, hidden_size, loaded, parameter_bytes([model]), engine.stop)

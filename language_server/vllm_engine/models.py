@@ -1,0 +1,52 @@
+"""vLLM's InternVL models as DvD's language server runs them: language model only, images as embeddings.
+
+vLLM builds neither the vision tower nor the projector here (every modality's limit is 0), so the
+only image input is `image_embeds`, one tensor of N rows per image. Two things differ from vLLM's
+own classes:
+- vLLM checks that all images' embeddings in a batch have the same shape. InternVL's images have
+  as many rows as their tiles give (and ViR makes tiles differ), so two images of different sizes
+  would fail that check inside the engine core and stop it. Here each image's rows are checked
+  alone: 2-D, of the LLM's hidden size.
+- -Flash checkpoints carry the Visual Resolution Router (`mlp2`, `pooling_before_gating`,
+  `gating`), which vLLM's InternVL model does not know and would refuse at load time. DvD runs ViR
+  in its vision servers, so these tensors are skipped like the rest of the vision side.
+"""
+
+from __future__ import annotations
+
+import torch
+from vllm.model_executor.models.interns1 import InternS1ForConditionalGeneration, InternS1ImageEmbeddingInputs
+from vllm.model_executor.models.internvl import InternVLChatModel, InternVLImageEmbeddingInputs
+from vllm.model_executor.models.utils import WeightsMapper
+
+VIR_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")
+
+
+def _image_embeds(schema: type, kwargs: dict, hidden_size: int):  # noqa: ANN205 - vLLM's TensorSchema
+    embeds = kwargs.pop("image_embeds", None)
+    if embeds is None:
+        return None
+    items = list(embeds) if isinstance(embeds, (list, tuple)) or embeds.dim() == 3 else [embeds]
+    for i, item in enumerate(items):
+        if not isinstance(item, torch.Tensor) or item.dim() != 2 or item.shape[1] != hidden_size:
+            shape = tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__
+            raise ValueError(f"image_embeds[{i}] is {shape}; expected (rows, {hidden_size})")
+    return schema(type="image_embeds", data=items, validate=False)
+
+
+class LanguageOnlyInternVLChatModel(InternVLChatModel):
+    """Original-format checkpoints (`InternVLChatModel`), -Flash included."""
+
+    hf_to_vllm_mapper = WeightsMapper(
+        orig_to_new_prefix={**InternVLChatModel.hf_to_vllm_mapper.orig_to_new_prefix, **dict.fromkeys(VIR_PREFIXES)}
+    )
+
+    def _parse_and_validate_image_input(self, **kwargs: object):  # noqa: ANN202
+        return _image_embeds(InternVLImageEmbeddingInputs, kwargs, self.config.text_config.hidden_size)
+
+
+class LanguageOnlyInternVLForConditionalGeneration(InternS1ForConditionalGeneration):
+    """HF-format checkpoints (`InternVLForConditionalGeneration`)."""
+
+    def _parse_and_validate_image_input(self, **kwargs: object):  # noqa: ANN202
+        return _image_embeds(InternS1ImageEmbeddingInputs, kwargs, self.config.text_config.hidden_size)
