@@ -3,14 +3,15 @@ PYTHON     ?= $(shell command -v python3.11 || command -v python3)
 VENV       := .venv
 BIN        := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS     ?= dev
+# x86-64: the test tools and vLLM's CPU build (extra "test"); elsewhere the test tools alone
+EXTRAS     ?= $(if $(filter x86_64,$(shell uname -m)),test,dev)
 CONFIG     ?= configs/tiny.yaml
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 GPU_DEVICE ?= cuda:0
 GPU_TESTS  := tests/e2e/test_equivalence.py tests/e2e/test_transports.py tests/e2e/test_colocated.py
 
-.PHONY: install proto serve test test-gpu bench bench-vision bench-engine bench-transfer tiny clean
+.PHONY: install tcmalloc proto serve test test-gpu bench bench-vision bench-engine bench-transfer tiny clean
 
 install: $(VENV)/.installed
 
@@ -20,7 +21,21 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	# Beside torch's CPU build, PyPI's (CUDA) torchaudio and torchcodec fail at import; vLLM runs without them.
+	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
+		$(BIN)/python -m pip uninstall --quiet -y torchaudio torchcodec; fi
+	$(BIN)/python -c "from pipeline.torchvision_ops import write_pth; print('torchvision import hook:', write_pth())"
+	$(MAKE) --no-print-directory tcmalloc
 	touch $@
+
+# vLLM's CPU engine runs best with tcmalloc preloaded (language_server/vllm_engine/args.py does it when
+# the library is there). Best effort: Debian's package, as root; without it vLLM runs, a little slower.
+tcmalloc:
+	@test -e /usr/lib/$(shell uname -m)-linux-gnu/libtcmalloc_minimal.so.4 || \
+		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		  { apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1 || \
+		    { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq libtcmalloc-minimal4 >/dev/null 2>&1; }; }; } || \
+		echo "note: libtcmalloc-minimal4 is not installed; vLLM's CPU engine will run without tcmalloc"
 
 proto: install
 	$(BIN)/python -m proto

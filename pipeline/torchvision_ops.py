@@ -6,8 +6,8 @@ their compiled ops (`_C.so`) cannot load. torchvision copes with that, except th
 fake kernels for `torchvision::nms` and `torchvision::qnms` unconditionally, which fails at import
 ("operator torchvision::nms does not exist").
 
-`install()` (run at interpreter start by the `dvd_torchvision_ops.pth` file that `make install-vllm`
-writes) adds an import hook: the first `import torchvision` defines those two operator schemas,
+`install()` (run at interpreter start by the `dvd_torchvision_ops.pth` file that `make install`
+writes with `write_pth`) adds an import hook: the first `import torchvision` defines those two operator schemas,
 without kernels, when the compiled ops cannot load. The transforms then work; calling nms raises.
 Where the compiled ops load (a matching build), nothing is changed.
 """
@@ -62,3 +62,12 @@ def install() -> None:
     """Add the import hook (cheap: imports nothing until torchvision is imported)."""
     if "torchvision" not in sys.modules and not any(isinstance(f, _BeforeTorchvision) for f in sys.meta_path):
         sys.meta_path.insert(0, _BeforeTorchvision())
+
+
+def write_pth() -> Path:
+    """Install the hook in this environment: a .pth file in site-packages that calls `install()`."""
+    import sysconfig
+
+    path = Path(sysconfig.get_paths()["purelib"]) / "dvd_torchvision_ops.pth"
+    path.write_text("import pipeline.torchvision_ops; pipeline.torchvision_ops.install()\n")
+    return path

