@@ -125,3 +125,43 @@ def test_no_language_process_holds_a_vision_tensor(which, request):
     allowance = 2 * 64 * checkpoint.text_config.hidden_size * 4
     assert vision > allowance
     assert 0.99 * llm <= info.parameter_bytes <= llm + allowance
+
+
+def test_sampling_features_behave_as_on_the_builtin_engine(vllm_deployment, fp32_deployment, client_for):
+    """Log-probabilities, stop strings, ignore_eos and seeds: the same API behaviour on both engines."""
+    conversation = to_messages(CASES["single_image"])
+    on_vllm, on_builtin = client_for(vllm_deployment), client_for(fp32_deployment)
+
+    with_logprobs = sampling(max_new_tokens=6, top_logprobs=3)
+    a, b = on_vllm.generate(conversation, with_logprobs), on_builtin.generate(conversation, with_logprobs)
+    assert list(a.token_ids) == list(b.token_ids) and len(a.logprobs) == 6
+    for x, y in zip(a.logprobs, b.logprobs):
+        assert x.chosen.token_id == y.chosen.token_id
+        assert x.chosen.logprob == pytest.approx(y.chosen.logprob, abs=1e-3)
+        assert [t.token_id for t in x.top] == [t.token_id for t in y.top]
+
+    full = on_builtin.generate(conversation, sampling(max_new_tokens=12)).text
+    stop = full[len(full) // 2 : len(full) // 2 + 2]
+    assert stop, full
+    stopped = [c.generate(conversation, sampling(max_new_tokens=12, stop=[stop])) for c in (on_vllm, on_builtin)]
+    assert stopped[0].text == stopped[1].text == full[: full.index(stop)]
+    assert stopped[0].finish_reason == stopped[1].finish_reason
+
+    long = sampling(max_new_tokens=40, ignore_eos=True)
+    assert len(on_vllm.generate(conversation, long).token_ids) == 40
+
+    seeded = sampling(max_new_tokens=10, temperature=1.0, seed=1234)
+    assert on_vllm.generate(conversation, seeded).token_ids == on_vllm.generate(conversation, seeded).token_ids
+
+
+def test_metrics_show_vllm_engine_series_beside_dvd_ones(vllm_deployment, client_for):
+    import urllib.request
+
+    client_for(vllm_deployment).generate([message("user", "hi")], sampling(max_new_tokens=3))
+    lc = vllm_deployment.config.language
+    with urllib.request.urlopen(f"http://{lc.host}:{lc.metrics_port}/metrics", timeout=10) as response:
+        body = response.read().decode()
+    assert "dvd_requests_total" in body and "dvd_kv_cache_used_blocks" in body
+    assert "vllm:num_requests_running" in body and "vllm:kv_cache_usage_perc" in body
+    blocks = next(float(line.split()[-1]) for line in body.splitlines() if line.startswith("dvd_kv_cache_blocks "))
+    assert blocks > 0
