@@ -15,13 +15,13 @@ GPU_TESTS  := tests/e2e/test_equivalence.py tests/e2e/test_transports.py tests/e
 
 install: $(VENV)/.installed
 
-# Idempotent: re-runs only when pyproject.toml changes or the venv is missing.
+# Idempotent: re-runs only when pyproject.toml changes or the venv is missing. Beside torch's CPU
+# build, PyPI's (CUDA) torchaudio and torchcodec fail at import, and vLLM runs without them.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
-	# Beside torch's CPU build, PyPI's (CUDA) torchaudio and torchcodec fail at import; vLLM runs without them.
 	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
 		$(BIN)/python -m pip uninstall --quiet -y torchaudio torchcodec; fi
 	$(BIN)/python -c "from pipeline.torchvision_ops import write_pth; print('torchvision import hook:', write_pth())"
