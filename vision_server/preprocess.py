@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from transformers.image_transforms import convert_to_rgb
 
 from pipeline.config import ImageLimits
 
@@ -55,7 +56,8 @@ class TilingParams:
 def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     """Decode JPEG/PNG/WEBP/GIF bytes to an upright RGB image, enforcing `limits`.
 
-    The first frame of an animation is used; transparency is composited onto white.
+    The first frame of an animation is used; other modes become RGB as the installed transformers'
+    `convert_to_rgb` (the reference) makes them.
     Raises ImageError when the bytes are empty, too large, corrupt, of another format,
     or describe an image with too many pixels (checked from the header) or too small a side.
     """
@@ -179,14 +181,12 @@ def _identify_other_format(data: bytes) -> str | None:
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB with transparency composited onto white (as transformers' convert_to_rgb does)."""
+    """RGB as transformers' `convert_to_rgb` makes it: releases differ on transparency (5.19, which
+    vLLM's CPU build pins, drops the alpha channel, as InternVL's own `convert('RGB')` does; later
+    releases composite onto white), and the vision server follows the one installed."""
     if image.mode in _SIXTEEN_BIT_MODES:
         image = _sixteen_bit_to_8bit(image)
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
+    return convert_to_rgb(image) if image.mode != "RGB" else image
 
 
 def _sixteen_bit_to_8bit(image: Image.Image) -> Image.Image:
