@@ -57,10 +57,19 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                     return event.result
         raise InternalError("generation ended without a result")
 
+    @property
+    def model_name(self) -> str:
+        """The served model's name: model.name, else "tiny" or the checkpoint's directory name."""
+        return self.config.model.name or ("tiny" if self.config.model.path == "tiny" else self.checkpoint.name)
+
+    def generate_events(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
+        """The events of one request, as Generate streams them (the HTTP API's way in); DvDError ends it."""
+        return self._generate(request)
+
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         lc = self.config.language
         return pb.ModelInfo(
-            model=self.config.model.name or ("tiny" if self.config.model.path == "tiny" else self.checkpoint.name),
+            model=self.model_name,
             checkpoint_format=self.checkpoint.format,
             llm_architecture=self.checkpoint.llm_architecture,
             max_model_len=lc.max_model_len,

@@ -9,7 +9,7 @@ from typing import Literal
 from language_server.engine.sampling import SamplingParams
 from language_server.tile_estimate import image_tiles, video_tiles
 from pipeline.config import DvDConfig
-from pipeline.errors import InvalidRequest
+from pipeline.errors import InvalidRequest, PayloadTooLarge
 from proto.dvd.v1 import generate_pb2 as pb
 
 Role = Literal["system", "user", "assistant"]
@@ -61,7 +61,6 @@ class GenerationRequest:
     @classmethod
     def from_pb(cls, request: pb.GenerateRequest, config: DvDConfig) -> GenerationRequest:
         """Validate a GenerateRequest against the server's limits; InvalidRequest names the problem."""
-        limits = config.language
         if not request.messages:
             raise InvalidRequest("messages is empty: send at least one user message")
         messages = tuple(_message(m, i, config) for i, m in enumerate(request.messages))
@@ -71,10 +70,7 @@ class GenerationRequest:
         if messages[-1].role != "user":
             raise InvalidRequest("the last message must come from the user")
         media = [p for m in messages for p in m.parts if not isinstance(p, TextPart)]
-        if len(media) > limits.max_images_per_request:
-            raise InvalidRequest(
-                f"{len(media)} images or videos exceed the limit of {limits.max_images_per_request} per request"
-            )
+        check_media_count(len(media), config)
         tiles = sum(_tiles(p, config) for p in media)
         if tiles > config.images.max_tiles_per_request:
             raise InvalidRequest(
@@ -83,6 +79,25 @@ class GenerationRequest:
             )
         sampling = _sampling(request.sampling, config)
         return cls(request_id=request.request_id or uuid.uuid4().hex, messages=messages, sampling=sampling)
+
+
+def check_media_count(count: int, config: DvDConfig) -> None:
+    """InvalidRequest when a request carries more images and videos than the server allows."""
+    limit = config.language.max_images_per_request
+    if count > limit:
+        raise InvalidRequest(f"{count} images or videos exceed the limit of {limit} per request")
+
+
+def media_size_limit(kind: Literal["image", "video"], config: DvDConfig) -> int:
+    """Largest encoded image or video a request may carry, in bytes."""
+    return config.images.max_image_bytes if kind == "image" else config.video.max_video_bytes
+
+
+def check_media_size(kind: Literal["image", "video"], size: int, where: str, config: DvDConfig) -> None:
+    """PayloadTooLarge when an encoded image or video of `size` bytes is over its limit."""
+    limit = media_size_limit(kind, config)
+    if size > limit:
+        raise PayloadTooLarge(f"{where}: {kind} is {size} bytes, over the limit of {limit}")
 
 
 def _message(message: pb.Message, index: int, config: DvDConfig) -> ChatMessage:
@@ -109,8 +124,7 @@ def _part(part: pb.ContentPart, where: str, role: Role, config: DvDConfig) -> Pa
     if not media.data:
         raise InvalidRequest(f"{where}: {kind} data is empty")
     if kind == "image":
-        if len(media.data) > limits.max_image_bytes:
-            raise InvalidRequest(f"{where}: image is {len(media.data)} bytes, over the limit of {limits.max_image_bytes}")
+        check_media_size("image", len(media.data), where, config)
         max_tiles = media.max_tiles or limits.max_tiles
         if not limits.min_tiles <= max_tiles <= limits.max_tiles:
             raise InvalidRequest(f"{where}: max_tiles must be in {limits.min_tiles}..{limits.max_tiles}, got {max_tiles}")
@@ -120,8 +134,7 @@ def _part(part: pb.ContentPart, where: str, role: Role, config: DvDConfig) -> Pa
 
 def _video(video: pb.VideoInput, where: str, config: DvDConfig) -> VideoPart:
     limits = config.video
-    if len(video.data) > limits.max_video_bytes:
-        raise InvalidRequest(f"{where}: video is {len(video.data)} bytes, over the limit of {limits.max_video_bytes}")
+    check_media_size("video", len(video.data), where, config)
     num_segments = video.num_segments or limits.num_segments
     if not 1 <= num_segments <= limits.max_segments:
         raise InvalidRequest(f"{where}: num_segments must be in 1..{limits.max_segments}, got {num_segments}")

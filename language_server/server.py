@@ -1,4 +1,5 @@
-"""The language server process: LLM, engine thread, vision client and the gRPC API."""
+"""The language server process: LLM, engine thread, vision client, the gRPC API and the
+OpenAI-compatible HTTP API."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from transformers import AutoTokenizer
 from language_server import metrics
 from language_server.api import GenerationService
 from language_server.engines import start_engine
+from language_server.http_api import HttpApi, create_app
 from language_server.media import LocalVision, MediaStage, RemoteMedia
 from language_server.prompt import PromptBuilder, template_mismatch
 from language_server.vision_client import VisionClient
@@ -113,17 +115,23 @@ async def serve(
     if not bound:
         raise RuntimeError(f"cannot bind the gRPC API to {address}")
     await server.start()
-    await health.set("", SERVING)
-    await health.set("dvd.v1.Generation", SERVING)
-    ready = {
-        "address": address, "mode": config.mode, "engine": lc.engine, "system_prompt": prompts.system_prompt,
-        "tls": tls_mode(lc),
-    }
-    log.info(f"{role} server ready", extra=ready)
+    http: HttpApi | None = None
     try:
+        if lc.http_port:
+            http = HttpApi(create_app(service, tokenizer), lc)
+            await http.start()
+        await health.set("", SERVING)
+        await health.set("dvd.v1.Generation", SERVING)
+        ready = {
+            "address": address, "mode": config.mode, "engine": lc.engine, "system_prompt": prompts.system_prompt,
+            "tls": tls_mode(lc), "http": f"{lc.host}:{lc.http_port}" if lc.http_port else "off",
+        }
+        log.info(f"{role} server ready", extra=ready)
         await stop.wait()
     finally:
         await health.set("", NOT_SERVING)
+        if http is not None:
+            await http.stop()
         await server.stop(grace=5.0)
         engine.stop()
         for part in (vision, local_vision):

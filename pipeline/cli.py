@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import signal
 import sys
@@ -123,15 +124,60 @@ def _ready_message(deployment) -> str:
         lines.append(f"  vision server {', '.join(config.vision_endpoints)}")
     if config.language.metrics_port:
         lines.append(f"  metrics       http://{config.language.host}:{config.language.metrics_port}/metrics")
+    if deployment.http_url:
+        lines.append(f"  HTTP API      {deployment.http_url}/v1  (OpenAI-compatible{_tls_note(config.language)}; "
+                     "/v1/chat/completions, /v1/models, /health, /metrics)")
     lines += [
         "",
         "Try, in another terminal:",
         f"  {python} -m pipeline chat --address {address}{key} --image {sample} "
         '"What is in this image?"',
+    ]
+    if deployment.http_url:
+        lines += ["or, over HTTP:", f"  {curl_command(deployment)}"]
+    lines += [
         "",
         "Ctrl-C stops both servers.",
     ]
     return "\n".join(lines)
+
+
+def curl_command(deployment) -> str:
+    """A shell command that asks the HTTP API about a small generated PNG, sent as a base64 data: URL."""
+    lc = deployment.config.language
+    png = _sample_png()
+    flags = ["-sS", f"{deployment.http_url}/v1/chat/completions", "-H", "Content-Type: application/json"]
+    if lc.api_key:
+        flags += ["-H", f"Authorization: Bearer {lc.api_key}"]
+    if lc.tls_cert:
+        flags += ["--cacert", lc.tls_cert] + (["--cert", "CLIENT.pem", "--key", "CLIENT.key"] if lc.tls_client_ca else [])
+    model = deployment.config.model.name or ("tiny" if deployment.config.model.path == "tiny" else Path(deployment.config.model.path).name)
+    marker = "@@IMAGE@@"
+    body = json.dumps({
+        "model": model,
+        "max_tokens": 32,
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{marker}"}},
+            {"type": "text", "text": "What is in this image?"},
+        ]}],
+    })
+    before, after = body.split(marker)
+    image = '"$(base64 < ' + shlex.quote(str(png)) + " | tr -d '\\n')\""
+    return " ".join(["curl", *map(shlex.quote, flags), "-d", shlex.quote(before) + image + shlex.quote(after)])
+
+
+def _sample_png() -> Path:
+    """A small generated PNG (a few kB: its base64 fits in one command-line argument)."""
+    from pipeline.tiny_model import cache_root
+
+    path = cache_root() / "samples" / "gradient.png"
+    if not path.exists():
+        from PIL import Image
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        red = Image.linear_gradient("L").resize((96, 96))
+        Image.merge("RGB", (red, red.rotate(90), red.rotate(180))).save(path)
+    return path
 
 
 def _tls_note(lc) -> str:

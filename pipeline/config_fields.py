@@ -131,7 +131,7 @@ def ports(obj: Any, *names: str, last: int = 0, off_ok: bool = False) -> None:
         if port == 0 and off_ok:
             continue
         if not 1 <= port <= 65535:
-            raise ValueError(f"{name}: not a TCP port: {port!r}" + (" (0 only switches metrics off)" if port == 0 else ""))
+            raise ValueError(f"{name}: not a TCP port: {port!r}" + (" (0 only switches metrics or the HTTP API off)" if port == 0 else ""))
         if port + last > 65535:
             raise ValueError(f"{name}: replica {last} would use port {port + last}, above 65535")
 
@@ -181,3 +181,13 @@ def tls_files(obj: Any) -> None:
             raise ValueError(f"{name}: not a file: {path!r}")
         if not os.access(path, os.R_OK):
             raise ValueError(f"{name}: cannot read {path!r} (permission denied)")
+
+
+def media_dirs(obj: Any) -> None:
+    """`obj.allowed_media_dirs`: absolute paths of existing directories."""
+    for i, path in enumerate(obj.allowed_media_dirs):
+        key = f"allowed_media_dirs[{i}]"
+        if not os.path.isabs(path):
+            raise ValueError(f"{key}: must be an absolute directory path, got {path!r}")
+        if not os.path.isdir(path):
+            raise ValueError(f"{key}: no such directory: {path!r}")

@@ -16,6 +16,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeline.config import DvDConfig, load_config
+from pipeline.config_fields import wildcard
 from pipeline.process import launched_env
 from pipeline.tls import TlsDial, client_identity_error
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
@@ -182,6 +183,16 @@ class Deployment:
     def address(self) -> str:
         """The public gRPC address."""
         return f"{self.config.language.host}:{self.config.language.grpc_port}"
+
+    @property
+    def http_url(self) -> str:
+        """Base URL of the OpenAI-compatible HTTP API ("" when language.http_port is 0); a wildcard
+        bind address is reached on localhost."""
+        lc = self.config.language
+        if not lc.http_port:
+            return ""
+        host = "localhost" if wildcard(lc.host) else f"[{lc.host}]" if ":" in lc.host else lc.host
+        return f"{'https' if lc.tls_cert else 'http'}://{host}:{lc.http_port}"
 
     def _plan(self) -> list[ServerProcess]:
         settings = [f"--set={key}={_yaml(value)}" for key, value in self.overrides.items()]

@@ -39,7 +39,7 @@ def port_overrides(replicas: int = 1) -> dict[str, Any]:
     """Config overrides that move every endpoint of a deployment to free ports; with several vision
     replicas (replica i uses each vision port + i) no replica's port is another endpoint's."""
     for _ in range(100):
-        ports = free_ports(6)
+        ports = free_ports(7)
         used = [p + i for p in ports[:3] for i in range(replicas)] + ports[3:]
         if len(set(used)) == len(used) and max(used) <= 65535:
             break
@@ -50,6 +50,7 @@ def port_overrides(replicas: int = 1) -> dict[str, Any]:
         "language.grpc_port": ports[3],
         "language.feature_port": ports[4],
         "language.metrics_port": ports[5],
+        "language.http_port": ports[6],
     }
 
 

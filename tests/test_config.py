@@ -63,7 +63,7 @@ def test_configs_are_frozen():
          "vision.grpc_port and vision.job_port + 1 (replica 1) both use port 5611"),
         ({"language.feature_port": 9100}, "language.metrics_port and language.feature_port both use port 9100"),
         ({"vision.replicas": 3, "vision.grpc_port": 65534}, "vision.grpc_port: replica 2 would use port 65536"),
-        ({"vision.job_port": 0}, "vision.job_port: not a TCP port: 0 (0 only switches metrics off)"),
+        ({"vision.job_port": 0}, "vision.job_port: not a TCP port: 0 (0 only switches metrics or the HTTP API off)"),
         ({"language.grpc_port": 0}, "language.grpc_port: not a TCP port: 0"),
         ({"language.feature_port": 0}, "language.feature_port: not a TCP port: 0"),
         ({"language.request_timeout_s": float("nan")}, "language.request_timeout_s: expected a finite number"),
@@ -87,6 +87,15 @@ def test_configs_are_frozen():
         ({"language.cpus": [0], "language.threads": 2}, "language.threads (2) exceeds the 1 CPUs in cpus"),
         ({"vision.cpus": [0, 1], "vision.replicas": 2, "vision.threads": 2}, "exceeds the 1 CPUs in cpus per replica"),
         ({"language.engine": "tgi"}, "language.engine: 'tgi' is not one of"),
+        ({"language.http_port": 50051}, "language.http_port and language.grpc_port both use port 50051"),
+        ({"language.http_port": 9101}, "language.http_port and vision.metrics_port both use port 9101"),
+        ({"language.http_port": 65536}, "language.http_port: not a TCP port"),
+        ({"language.allowed_media_dirs": ["relative/dir"]}, "language.allowed_media_dirs[0]: must be an absolute"),
+        ({"language.allowed_media_dirs": ["/no/such/dvd/dir"]}, "language.allowed_media_dirs[0]: no such directory"),
+        ({"language.allowed_media_dirs": "/tmp"}, "language.allowed_media_dirs: expected a list"),
+        ({"language.fetch_remote_media": "yes"}, "language.fetch_remote_media: expected true or false"),
+        ({"language.remote_media_max_bytes": 0}, "language.remote_media_max_bytes: must be > 0"),
+        ({"language.remote_media_timeout_s": -1}, "language.remote_media_timeout_s: must be > 0"),
         ({"vllm.tensor_parallel_size": 0}, "vllm.tensor_parallel_size: must be > 0"),
         ({"vllm.distributed_executor_backend": "slurm"}, "vllm.distributed_executor_backend: 'slurm' is not one of"),
         ({"vllm.gpu_memory_utilization": 1.5}, "vllm.gpu_memory_utilization must be <= 1"),
@@ -126,6 +135,7 @@ def test_missing_and_malformed_files(tmp_path):
     "override",
     [
         {"vision.metrics_port": 0, "language.metrics_port": 0},  # 0 switches metrics off, on both
+        {"language.http_port": 0, "language.grpc_port": 8000},  # the HTTP API off frees its port
         {"vision.replicas": 2, "vision.job_port": 5610, "vision.grpc_port": 5612, "vision.metrics_port": 5614},
         {"language.grpc_port": 50061, "language.host": "10.0.0.2"},  # vision on another host
         {"language.grpc_port": 50061, "language.vision_servers": ["vision-host:5610"]},  # no local vision server

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import ssl
 import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import httpx
+import openai
 import pytest
 
 from pipeline import cli
@@ -117,6 +120,26 @@ def test_mutual_tls_serves_only_clients_with_a_certificate(mutual_deployment, pk
     assert answer.text and answer.usage.completion_tokens == 2
     banner = cli._ready_message(mutual_deployment)
     assert "over mutual TLS" in banner and "--tls-cert CLIENT.pem --tls-key CLIENT.key" in banner
+
+
+def _https(deployment, pki: dict[str, str], client_cert: bool = False) -> openai.OpenAI:
+    context = ssl.create_default_context(cafile=pki["ca"])
+    if client_cert:
+        context.load_cert_chain(pki["client"], pki["client.key"])
+    return openai.OpenAI(base_url=f"{deployment.http_url}/v1", api_key=KEY, max_retries=0,
+                         http_client=httpx.Client(verify=context, timeout=120))
+
+
+def test_the_http_api_serves_the_same_tls_and_mutual_tls(tls_deployment, mutual_deployment, pki):
+    assert tls_deployment.http_url.startswith("https://")
+    hello = dict(model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=2)
+    assert _https(tls_deployment, pki).chat.completions.create(**hello).usage.completion_tokens == 2
+    with pytest.raises(openai.APIConnectionError):  # plaintext to a TLS port
+        openai.OpenAI(base_url=tls_deployment.http_url.replace("https", "http") + "/v1", api_key=KEY,
+                      max_retries=0, timeout=REFUSED_WITHIN_S).models.list()
+    with pytest.raises(openai.APIConnectionError):  # mutual TLS: no client certificate
+        _https(mutual_deployment, pki).models.list()
+    assert _https(mutual_deployment, pki, client_cert=True).chat.completions.create(**hello).choices
 
 
 def test_a_malformed_certificate_stops_start_up_with_the_key_named(pki, tmp_path):
