@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.cli import curl_command
 from pipeline.client import image, message, sampling
-from tests.conftest import photo_bytes
+from tests.conftest import photo_bytes, requires_vllm
 from tests.waiting import wait_until
 
 MODEL = "tiny"
@@ -161,3 +161,27 @@ def test_the_curl_command_that_serve_prints_works(fp32_deployment):
     assert done.returncode == 0, done.stderr
     reply = openai.types.chat.ChatCompletion.model_validate_json(done.stdout)
     assert reply.choices[0].message.role == "assistant" and reply.usage.model_extra["image_tiles"] >= 1
+
+
+@requires_vllm
+def test_on_the_vllm_engine_http_gives_the_builtin_engines_tokens_and_frees_blocks(vllm_deployment, fp32_deployment,
+                                                                                   client_for):
+    on_vllm = client_of(vllm_deployment)
+    over_http, over_grpc = _two_turns()
+    chunks = list(on_vllm.chat.completions.create(
+        model=MODEL, messages=over_http, max_tokens=10, temperature=0, stream=True,
+        stream_options={"include_usage": True},
+    ))
+    result = client_for(fp32_deployment).generate(over_grpc, sampling(max_new_tokens=10))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == result.text
+    assert chunks[-1].usage.completion_tokens == 10
+    assert chunks[-1].usage.prompt_tokens == result.usage.prompt_tokens
+
+    stream = on_vllm.chat.completions.create(
+        model=MODEL, messages=ask(data_url(photo_bytes("astronaut")), detail="low"), max_tokens=4000,
+        temperature=0, stream=True, extra_body={"ignore_eos": True},
+    )
+    pieces = iter(stream)
+    assert all(next(pieces).choices for _ in range(4))
+    stream.close()
+    assert wait_until(lambda: metric(vllm_deployment, "dvd_kv_cache_used_blocks") == 0, timeout_s=WAIT_S)
