@@ -1,7 +1,10 @@
 """The DvD-vs-colocated report of `make bench`: ratios, pipeline efficiency, tables and plot.
 
 `closed` maps (setup, workload name) to a closed-loop summary (`load.summarize`); setups are
-"dvd", "colocated-a", "colocated-b", "vision-only" and "llm-only".
+"dvd", "colocated-a", "colocated-b", "vision-only" and "llm-only", and with vLLM at the rate size
+"dvd-vllm" (DvD, `language.engine: vllm`), "dvd-vllm-vir" (the same on the -Flash checkpoint,
+ViR routing), "vllm-b" (plain vLLM's HTTP server bound to DvD's vision + LLM CPUs) and "vllm-a"
+(plain vLLM bound to DvD's LLM CPUs alone).
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ def _per_request(summary: dict[str, Any], cores: float) -> float:
 def server_cores(summary: dict[str, Any]) -> tuple[float, float]:
     """(vision servers', language or colocated server's) CPU cores busy over a run; NaN where unmeasured."""
     vision = [v for k, v in summary.items() if k.startswith("vision-") and k.endswith("_cpu_cores")]
-    language = [v for k, v in summary.items() if k in ("language_cpu_cores", "colocated_cpu_cores")]
+    language = [v for k, v in summary.items() if k in ("language_cpu_cores", "colocated_cpu_cores", "vllm_cpu_cores")]
     return (sum(vision) if vision else float("nan"), sum(language) if language else float("nan"))
 
 
@@ -70,6 +73,72 @@ def ratios(closed: dict, workloads: list[str]) -> list[dict[str, Any]]:
                 "colocated_ttft_p99_after_first_wave_s": base["ttft_p99_after_first_wave_s"],
             })
     return rows
+
+
+# (DvD setup, plain vLLM setup, label, target of the whole-run req/s ratio or None)
+VLLM_COMPARISONS = (
+    ("dvd-vllm", "vllm-b", "DvD(vLLM) / vLLM, (b) equal total threads", 1.1),
+    ("dvd-vllm", "vllm-a", "DvD(vLLM) / vLLM, (a) vision threads added", 1.6),
+    ("dvd-vllm-vir", "vllm-b", "DvD(vLLM)+ViR / vLLM, (b) equal total threads", None),
+    ("dvd-vllm-vir", "vllm-a", "DvD(vLLM)+ViR / vLLM, (a) vision threads added", None),
+)
+
+
+def vllm_ratios(closed: dict, workload: str) -> list[dict[str, Any]]:
+    """DvD with vLLM's engine (and with ViR) against plain vLLM at both thread budgets, at one
+    workload: req/s ratios over whole runs and in the steady state, TTFT p50/p99 side by side.
+    Comparisons whose setups did not run are left out."""
+    rows = []
+    for dvd_setup, vllm_setup, label, target in VLLM_COMPARISONS:
+        if (dvd_setup, workload) not in closed or (vllm_setup, workload) not in closed:
+            continue
+        dvd, base = closed[(dvd_setup, workload)], closed[(vllm_setup, workload)]
+        rows.append({
+            "workload": workload,
+            "comparison": label,
+            "dvd_setup": dvd_setup,
+            "vllm_setup": vllm_setup,
+            "target": target,
+            "errors": dvd["errors"] + base["errors"],
+            "dvd_req_s": dvd["request_throughput"],
+            "vllm_req_s": base["request_throughput"],
+            "throughput_ratio": _ratio(dvd["request_throughput"], base["request_throughput"]),
+            "steady_dvd_req_s": dvd["steady_request_throughput"],
+            "steady_vllm_req_s": base["steady_request_throughput"],
+            "steady_throughput_ratio": _ratio(dvd["steady_request_throughput"], base["steady_request_throughput"]),
+            "dvd_ttft_p50_s": dvd["ttft_p50_s"],
+            "vllm_ttft_p50_s": base["ttft_p50_s"],
+            "dvd_ttft_p99_s": dvd["ttft_p99_s"],
+            "vllm_ttft_p99_s": base["ttft_p99_s"],
+            "ttft_p99_ratio": _ratio(dvd["ttft_p99_s"], base["ttft_p99_s"]),
+            "dvd_ttft_p99_after_first_wave_s": dvd["ttft_p99_after_first_wave_s"],
+            "vllm_ttft_p99_after_first_wave_s": base["ttft_p99_after_first_wave_s"],
+            "vir_compressed_fraction": dvd.get("vir_compressed_fraction", float("nan")),
+        })
+    return rows
+
+
+def vllm_section(report: dict[str, Any]) -> str:
+    """The Markdown section of the vLLM comparison, or why it did not run."""
+    vllm = report.get("vllm") or {}
+    title = f"## DvD(vLLM) vs plain vLLM (closed loop, {report['args']['rate_size']})\n\n"
+    if not vllm.get("enabled"):
+        return title + f"Not run: {vllm.get('reason', 'not requested')}.\n"
+    table = markdown_table(
+        report.get("vllm_ratios", []),
+        [("comparison", "comparison"), ("target", "target"), ("errors", "errors"), ("dvd_req_s", "DvD req/s"),
+         ("vllm_req_s", "vLLM req/s"), ("throughput_ratio", "DvD/vLLM"),
+         ("steady_throughput_ratio", "steady state DvD/vLLM"),
+         ("dvd_ttft_p50_s", "DvD TTFT p50"), ("vllm_ttft_p50_s", "vLLM TTFT p50"),
+         ("dvd_ttft_p99_s", "DvD TTFT p99"), ("vllm_ttft_p99_s", "vLLM TTFT p99"),
+         ("dvd_ttft_p99_after_first_wave_s", "DvD TTFT p99 after 1st wave"),
+         ("vllm_ttft_p99_after_first_wave_s", "vLLM TTFT p99 after 1st wave"),
+         ("vir_compressed_fraction", "tiles compressed by ViR")],
+    )
+    stopped = f"The phase stopped early: {vllm['error']}.\n\n" if vllm.get("error") else ""
+    return (title + f"{vllm.get('setups', '')}\n\n{stopped}{table}\n\n"
+            "Targets apply to the whole-run ratio. TTFT of plain vLLM is its first streamed content chunk; "
+            "of DvD, its first streamed token.\n")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -139,6 +208,7 @@ def markdown(report: dict[str, Any]) -> str:
                    "errors counts the failed ones, which the percentiles leave out): with fewer than 100 "
                    "requests, p99 is close to the slowest one.")
     return (f"## Runs\n\n{runs}\n\n{sample_note}\n\n## DvD vs colocated (closed loop)\n\n{ratio_table}\n\n"
+            f"{vllm_section(report)}\n"
             f"## Fixed arrival rate (capacity = mean of DvD's and (b)'s closed-loop req/s)\n\n{fixed_rate}\n\n"
             f"## Pipeline efficiency\n\n{efficiency_table}\n\n"
             "Each stage's CPU in DvD's closed loop and alone (CPU seconds of every thread of a server "

@@ -50,6 +50,7 @@ class LoadResult:
     first_wave: int = 0  # requests sent together at the start (a closed loop's concurrency)
     server_cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per server process during the run
     engine_counters: dict[str, float] = field(default_factory=dict)  # the LLM engine's step counters during the run
+    vir_tiles: dict[str, float] = field(default_factory=dict)  # tiles routed by ViR during the run, by tokens per tile
 
     def summary(self) -> dict[str, float | list[float | None]]:
         return summarize([self])
@@ -90,6 +91,7 @@ def summarize(results: list[LoadResult]) -> dict[str, float | list[float | None]
         **_span_means(ok),
         **_cpu_cores(results, wall),
         **_engine_steps(results),
+        **_vir_share(results),
     }
 
 
@@ -124,6 +126,17 @@ def _engine_steps(results: list[LoadResult]) -> dict[str, float]:
         "llm_steps": total.get("dvd_engine_steps_total", float("nan")),
         "llm_decode_batch": total.get("dvd_engine_sampled_tokens_total", 0.0) / sampling if sampling else float("nan"),
     }
+
+
+def _vir_share(results: list[LoadResult]) -> dict[str, float]:
+    """`vir_tiles`, `vir_compressed_tiles` (sent with 64 tokens) and `vir_compressed_fraction`,
+    over the runs whose vision servers routed tiles."""
+    tiles = {tokens: sum(r.vir_tiles.get(tokens, 0.0) for r in results) for r in results for tokens in r.vir_tiles}
+    total = sum(tiles.values())
+    if not total:
+        return {}
+    return {"vir_tiles": total, "vir_compressed_tiles": tiles.get("64", 0.0),
+            "vir_compressed_fraction": tiles.get("64", 0.0) / total}
 
 
 def _steady_throughput(results: list[LoadResult]) -> float:

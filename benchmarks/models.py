@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -50,3 +51,21 @@ def bench_model(name: str, device: str = "cpu") -> Path:
     if not (path / "config.json").exists():
         raise SystemExit(f"{name}: not one of {', '.join(NAMES)} or a checkpoint directory")
     return path
+
+
+def bench_flash_model(name: str, device: str = "cpu") -> Path | None:
+    """The InternVL3.5-Flash variant (original format, ViR router added; pipeline/tiny_flash.py) of a
+    model from NAMES, with the same ViT and LLM weights; a local checkpoint directory counts when its
+    config.json sets flash_mode. None when there is no such variant."""
+    if name == "tiny":
+        return tiny_model_dir("flash")
+    if name in RANDOM_MODELS:
+        directory, vision, text, dtype = RANDOM_MODELS[name]
+        return random_model_dir(f"{directory}-flash", vision, text, formats=("flash",), dtype=dtype,
+                                device=device) / "flash"
+    path = Path(name).expanduser()
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return path if config.get("flash_mode") else None

@@ -62,6 +62,35 @@ def bind_cpus(cpus: tuple[int, ...]) -> None:
             pass
 
 
+def bind_process_tree(pid: int, cpus: tuple[int, ...]) -> int:
+    """Bind every thread of process `pid` and of all its descendants to `cpus` (threads that bound
+    themselves to some of those CPUs keep to them). For engines whose processes re-bind their
+    threads at start (vLLM's CPU workers, through libnuma) to hold them to a CPU budget.
+    Returns the number of threads bound."""
+    import psutil
+
+    cpus_set = set(cpus)
+    try:
+        root = psutil.Process(pid)
+        processes = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    bound = 0
+    for process in processes:
+        try:
+            threads = os.listdir(f"/proc/{process.pid}/task")
+        except FileNotFoundError:
+            continue
+        for thread in threads:
+            try:
+                current = os.sched_getaffinity(int(thread))
+                os.sched_setaffinity(int(thread), (current & cpus_set) or cpus_set)
+                bound += 1
+            except (ProcessLookupError, PermissionError):  # exited, or not ours to bind
+                pass
+    return bound
+
+
 def start_metrics(host: str, port: int, offset: int = 0) -> None:
     """Serve Prometheus /metrics at host:port+offset; port 0 disables it."""
     if port:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from typing import AsyncIterator
 
 import torch
@@ -18,6 +19,7 @@ from language_server.vllm_engine.stats import EngineStats, stat_logger_factory
 from pipeline.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
 from pipeline.errors import DvDError, InternalError, InvalidRequest, Unavailable
+from pipeline.process import bind_process_tree
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,8 @@ class VllmEngine:
         stats = EngineStats()
         llm = AsyncLLM.from_engine_args(engine_args(config, checkpoint), stat_loggers=[stat_logger_factory(stats)])
         engine = cls(llm, ImageTokens.of(tokenizer, checkpoint.format), stats, config.language.max_model_len)
+        if config.language.cpus:  # vLLM's CPU workers re-bind their threads to the NUMA node's CPUs
+            bind_process_tree(os.getpid(), config.language.cpus)
         log.info("vllm engine ready", extra={"kv_blocks": engine.kv_blocks_total, "model": str(checkpoint.path)})
         return engine
 

@@ -47,3 +47,11 @@ def test_setup_devices_reach_each_servers_config() -> None:
     assert (config.vision.dtype, config.language.dtype, config.vision.max_batch_tiles) == ("bfloat16", "bfloat16", 64)
     cpu = load_config(BASE_CONFIG, Setup("colocated-b", "colocated", 0, 2).overrides("/models/any", "float32", 1, 600, 8))
     assert (cpu.mode, cpu.vision.device, cpu.language.device) == ("colocated", "cpu", "cpu")
+
+
+def test_a_vllm_engine_setup_binds_vllm_to_its_cpus_and_leaves_its_threads_to_them() -> None:
+    setup = Setup("dvd-vllm", "decoupled", 1, 1, vision_cpus=(0,), llm_cpus=(1,), engine="vllm", kv_cache_gib=2)
+    config = load_config(BASE_CONFIG, setup.overrides("/models/any", "float32", 1, kv_blocks=2064, max_num_seqs=8))
+    assert (config.language.engine, config.language.cpus, config.language.threads) == ("vllm", (1,), 0)
+    assert (config.vision.cpus, config.vision.threads, config.vllm.cpu_kv_cache_gib) == ((0,), 1, 2.0)
+    assert config.vllm.threads_bind(config.language.cpus) == "1" and config.language.max_num_seqs == 8

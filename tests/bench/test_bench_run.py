@@ -13,6 +13,7 @@ import socket
 import pytest
 
 from benchmarks import bench, report
+from benchmarks.workloads import Workload
 
 SETUPS = ("dvd", "colocated-a", "colocated-b")
 
@@ -42,7 +43,7 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
     argv = ["--model", "tiny", "--sizes", "448px,896px", "--rate-size", "448px", "--requests", "4",
             "--other-size-requests", "3", "--concurrency", "3", "--max-num-seqs", "2",
             "--rate-requests", "2", "--unloaded-requests", "1",
-            "--rate-fractions", "1.0", "--port-base", str(free_port_base(60))]
+            "--rate-fractions", "1.0", "--no-vllm", "--port-base", str(free_port_base(60))]
     bind = len(os.sched_getaffinity(0)) >= 2
     argv += ["--bind-cpus"] if bind else []
     assert bench.main(argv) == 0
@@ -83,6 +84,8 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
     assert "## CPU cores busy per server process" in path.with_suffix(".md").read_text()
     assert 1 <= cpu[("colocated-b", "448px", "closed-3")]["llm_decode_batch"] <= 2
     assert result["args"]["bind_cpus"] == bind and result["args"]["max_num_seqs"] == 2
+    assert result["vllm"] == {"enabled": False, "reason": "--no-vllm"} and result["vllm_ratios"] == []
+    assert "Not run: --no-vllm." in path.with_suffix(".md").read_text()
 
 
 def test_bench_refuses_a_rate_size_it_does_not_run(capsys) -> None:
@@ -135,6 +138,142 @@ def test_default_ports_lie_below_the_ephemeral_range() -> None:
     """A fixed port inside the kernel's ephemeral range can be held by any outgoing connection
     (it once stopped `make bench` when the vision-only receiver bound one)."""
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
-    setups = 3
+    setups = 7  # dvd, colocated-a and -b, dvd-vllm, dvd-vllm-vir, vllm-b, vllm-a
     assert bench.PORT_BASE + setups * bench.PORTS_PER_SETUP <= low
 
+
+
+def vllm_args(**changes) -> argparse.Namespace:
+    defaults = dict(vllm=None, device="cpu", vision_device=None, vision_threads=1, llm_threads=1, model="small",
+                    dtype="float32", kv_blocks=2064, max_num_seqs=8, vllm_kv_cache_gib=None, port_base=26000)
+    return argparse.Namespace(**(defaults | changes))
+
+
+def test_vllm_setups_are_skipped_with_a_reason(monkeypatch) -> None:
+    monkeypatch.setattr(bench, "vllm_import_error", lambda: "ModuleNotFoundError: No module named 'vllm'")
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert bench._vllm_skip_reason(vllm_args(vllm=False)) == "--no-vllm"
+    assert "CPU runs" in bench._vllm_skip_reason(vllm_args(device="cuda:0"))
+    assert "needs 3 CPUs" in bench._vllm_skip_reason(vllm_args(llm_threads=2))
+    assert bench._vllm_skip_reason(vllm_args()) == "ModuleNotFoundError: No module named 'vllm'"
+    monkeypatch.setattr(bench, "vllm_import_error", lambda: None)
+    assert bench._vllm_skip_reason(vllm_args()) is None
+
+
+def test_bench_refuses_vllm_it_cannot_run(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(bench, "vllm_import_error", lambda: "ModuleNotFoundError: No module named 'vllm'")
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 1})
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--vllm", "--sizes", "448px"])
+    assert stop.value.code == 2
+    assert "--vllm: ModuleNotFoundError" in capsys.readouterr().err
+
+
+def test_vllm_plan_gives_each_setup_its_cpus_and_ports(monkeypatch, tmp_path) -> None:
+    monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {4, 2, 6, 8})
+    model = tmp_path / "hf"
+    model.mkdir()
+    model.joinpath("config.json").write_text(json.dumps({"text_config": {
+        "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64,
+        "hidden_size": 384}}))
+    monkeypatch.setattr(bench, "bench_flash_model", lambda name, device: tmp_path / "flash")
+    setups, servers, info = bench._vllm_plan(vllm_args(llm_threads=2), model)
+    assert [s.name for s in setups] == ["dvd-vllm", "dvd-vllm-vir"]
+    assert all(s.engine == "vllm" and s.vision_cpus == (2,) and s.llm_cpus == (4, 6) for s in setups)
+    assert [s.flash for s in setups] == [False, True] and info["flash_model"] == str(tmp_path / "flash")
+    assert [(s.name, s.cpus) for s in servers] == [("vllm-b", (2, 4, 6)), ("vllm-a", (4, 6))]
+    # port blocks 5 and 6: after dvd, colocated-a, colocated-b, dvd-vllm and dvd-vllm-vir
+    assert [s.port for s in servers] == [26000 + 5 * bench.PORTS_PER_SETUP, 26000 + 6 * bench.PORTS_PER_SETUP]
+    assert all(s.max_num_seqs == 8 and s.kv_cache_gib == 1 and s.model == model for s in servers)
+    assert info["kv_cache_gib"] == 1 and "vllm-a: plain vLLM on cpus [4, 6]" in info["setups"]
+
+    monkeypatch.setattr(bench, "bench_flash_model", lambda name, device: None)
+    setups, servers, info = bench._vllm_plan(vllm_args(vllm_kv_cache_gib=3), model)
+    assert [s.name for s in setups] == ["dvd-vllm"] and "dvd-vllm-vir: not run" in info["setups"]
+    assert [s.port for s in servers] == [26000 + 4 * bench.PORTS_PER_SETUP, 26000 + 5 * bench.PORTS_PER_SETUP]
+    assert {s.kv_cache_gib for s in [*setups, *servers]} == {3}
+
+
+def test_the_vllm_phase_runs_each_pair_side_by_side_with_two_engines_at_most(monkeypatch, tmp_path) -> None:
+    events: list[str] = []
+    up: set[str] = set()
+    most = 0
+
+    def started(name: str) -> None:
+        nonlocal most
+        events.append(f"start {name}")
+        up.add(name)
+        most = max(most, len(up))
+
+    class FakeDeployment:
+        def __init__(self, config, overrides, log_dir) -> None:
+            self.name, self.overrides = log_dir.name, overrides
+
+        def start(self, timeout_s):
+            started(self.name)
+            return self
+
+        def stop(self) -> None:
+            events.append(f"stop {self.name}")
+            up.discard(self.name)
+
+    def server_start(self, timeout_s):
+        started(self.name)
+        self.process = object()
+        return self
+
+    def server_stop(self, timeout_s=None) -> None:
+        events.append(f"stop {self.name}")
+        up.discard(self.name)
+
+    monkeypatch.setattr(bench, "Deployment", FakeDeployment)
+    monkeypatch.setattr(bench.VllmServer, "start", server_start)
+    monkeypatch.setattr(bench.VllmServer, "stop", server_stop)
+    monkeypatch.setattr(bench, "warm", lambda deployment, workload, count: None)
+    monkeypatch.setattr(bench, "warm_vllm", lambda server, workload, count: None)
+    monkeypatch.setattr(bench, "run_vllm", lambda server, *a: events.append(f"run {server.name}") or server.name)
+    monkeypatch.setattr(bench, "run_metered", lambda d, *a, **k: events.append(f"run {d.name}") or d.name)
+    setups = [bench.Setup(name, "decoupled", 1, 1, engine="vllm", flash=name.endswith("vir"))
+              for name in ("dvd-vllm", "dvd-vllm-vir")]
+    servers = [bench.VllmServer(model=tmp_path, port=1, name=name) for name in ("vllm-b", "vllm-a")]
+    args = argparse.Namespace(dtype="float32", vision_batch_tiles=1, kv_blocks=64, max_num_seqs=2, port_base=26000,
+                              rounds=2, requests=4, concurrency=3)
+    workload = Workload("896px", 896, (b"jpeg",), 8)
+    results, error = bench._vllm_phase(args, workload=workload, model_path=tmp_path / "hf", setups=setups,
+                                       servers=servers, info={"flash_model": "/flash"}, log_dir=tmp_path)
+    assert error is None and most == 2 and not up
+    assert {name: len(runs) for name, runs in results.items()} == {
+        "dvd-vllm": 4, "vllm-b": 4, "vllm-a": 4, "dvd-vllm-vir": 4}
+    assert [e for e in events if not e.startswith("run")] == [
+        "start dvd-vllm", "start vllm-b", "stop vllm-b", "start vllm-a", "stop dvd-vllm", "start dvd-vllm-vir",
+        "stop vllm-a", "start vllm-b", "stop dvd-vllm-vir", "stop vllm-b"]
+    first_stage = events[2:6]
+    assert first_stage == ["run dvd-vllm", "run vllm-b", "run dvd-vllm", "run vllm-b"]
+
+
+def test_a_vllm_phase_that_fails_reports_why_and_stops_what_it_started(monkeypatch, tmp_path) -> None:
+    stopped = []
+
+    class FakeDeployment:
+        def __init__(self, config, overrides, log_dir) -> None:
+            self.name = log_dir.name
+
+        def start(self, timeout_s):
+            return self
+
+        def stop(self) -> None:
+            stopped.append(self.name)
+
+    def server_start(self, timeout_s):
+        raise bench.VllmStartError(f"{self.name}: exited with status 1 during start-up\nlog tail")
+
+    monkeypatch.setattr(bench, "Deployment", FakeDeployment)
+    monkeypatch.setattr(bench.VllmServer, "start", server_start)
+    monkeypatch.setattr(bench, "warm", lambda deployment, workload, count: None)
+    args = argparse.Namespace(dtype="float32", vision_batch_tiles=1, kv_blocks=64, max_num_seqs=2, port_base=26000,
+                              rounds=1, requests=4, concurrency=3)
+    results, error = bench._vllm_phase(
+        args, workload=None, model_path=tmp_path, setups=[bench.Setup("dvd-vllm", "decoupled", 1, 1, engine="vllm")],
+        servers=[bench.VllmServer(model=tmp_path, port=1, name="vllm-b")], info={}, log_dir=tmp_path)
+    assert error == "VllmStartError: vllm-b: exited with status 1 during start-up"
+    assert stopped == ["dvd-vllm"] and not results

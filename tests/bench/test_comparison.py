@@ -86,3 +86,70 @@ def test_a_setup_that_completed_nothing_gives_nan_ratios_and_counts_its_errors()
     assert math.isnan(b["throughput_ratio"]) and b["errors"] == 48
     row = comparison.efficiency(closed, "896px")
     assert math.isnan(row["pipeline_efficiency"]) and row["errors"] == 48
+
+
+def vllm_summary(req_s: float, steady: float, p50: float, p99: float, **extra: float) -> dict:
+    return {**summary(req_s, steady, ttft_p99=p99, after_first_wave=p99 / 2), "ttft_p50_s": p50, **extra}
+
+
+VLLM_CLOSED = {
+    ("dvd-vllm", "896px"): vllm_summary(1.8, 2.0, 0.5, 2.0),
+    ("dvd-vllm-vir", "896px"): vllm_summary(2.4, 3.0, 0.4, 1.5, vir_compressed_fraction=0.4),
+    ("vllm-b", "896px"): vllm_summary(1.5, 1.6, 0.6, 4.0),
+    ("vllm-a", "896px"): vllm_summary(1.0, 1.0, 1.0, 5.0),
+}
+
+
+def test_vllm_ratios_put_dvd_with_vllms_engine_over_plain_vllm_at_both_budgets() -> None:
+    rows = comparison.vllm_ratios(VLLM_CLOSED, "896px")
+    assert [(r["dvd_setup"], r["vllm_setup"], r["target"]) for r in rows] == [
+        ("dvd-vllm", "vllm-b", 1.1), ("dvd-vllm", "vllm-a", 1.6), ("dvd-vllm-vir", "vllm-b", None),
+        ("dvd-vllm-vir", "vllm-a", None)]
+    equal, added, vir_equal, vir_added = rows
+    assert math.isclose(equal["throughput_ratio"], 1.8 / 1.5) and equal["steady_throughput_ratio"] == 2.0 / 1.6
+    assert added["throughput_ratio"] == 1.8 and added["steady_throughput_ratio"] == 2.0
+    assert math.isclose(vir_equal["throughput_ratio"], 1.6) and vir_added["steady_throughput_ratio"] == 3.0
+    assert (equal["dvd_ttft_p50_s"], equal["vllm_ttft_p50_s"], equal["dvd_ttft_p99_s"], equal["vllm_ttft_p99_s"]) == (
+        0.5, 0.6, 2.0, 4.0)
+    assert equal["ttft_p99_ratio"] == 0.5 and vir_added["vir_compressed_fraction"] == 0.4
+    assert math.isnan(equal["vir_compressed_fraction"])
+
+
+def test_vllm_ratios_leave_out_setups_that_did_not_run() -> None:
+    closed = {key: value for key, value in VLLM_CLOSED.items() if key[0] != "dvd-vllm-vir"}
+    assert [r["dvd_setup"] for r in comparison.vllm_ratios(closed, "896px")] == ["dvd-vllm", "dvd-vllm"]
+    assert comparison.vllm_ratios(closed, "448px") == []
+
+
+def report(**vllm) -> dict:
+    closed = {**CLOSED, **VLLM_CLOSED}
+    runs = [{"setup": setup, "workload": workload, "load": "closed-12", "runs": 1, "requests": 12,
+             **{k: 1.0 for k in ("ttft_p50_s", "e2e_p50_s", "e2e_p99_s", "output_token_throughput", "ttft_mean_s")},
+             **value} for (setup, workload), value in closed.items()]
+    return {"args": {"rate_size": "896px"}, "runs": runs, "ratios": comparison.ratios(closed, ["896px"]),
+            "efficiency": [comparison.efficiency(closed, "896px")], "vllm": vllm,
+            "vllm_ratios": comparison.vllm_ratios(closed, "896px") if vllm.get("enabled") else []}
+
+
+def test_the_markdown_report_has_the_vllm_rows_or_why_they_did_not_run() -> None:
+    text = comparison.markdown(report(enabled=True, reason=None, setups="vllm-b: plain vLLM on cpus [0, 1]"))
+    section = text.split("## DvD(vLLM) vs plain vLLM (closed loop, 896px)")[1].split("\n## ")[0]
+    assert "vllm-b: plain vLLM on cpus [0, 1]" in section
+    rows = [line for line in section.splitlines() if line.startswith("| DvD(vLLM)")]
+    assert len(rows) == 4
+    assert rows[0].startswith("| DvD(vLLM) / vLLM, (b) equal total threads | 1.1 | 0 | 1.8 | 1.5 | 1.2 | 1.25 |")
+    assert rows[3].startswith("| DvD(vLLM)+ViR / vLLM, (a) vision threads added |  | 0 | 2.4 | 1 | 2.4 | 3 |")
+    assert rows[3].endswith("| 0.4 |")
+    assert "## DvD vs colocated (closed loop)" in text  # the existing figures stay
+    skipped = comparison.markdown(report(enabled=False, reason="--no-vllm"))
+    assert "## DvD(vLLM) vs plain vLLM (closed loop, 896px)\n\nNot run: --no-vllm.\n" in skipped
+
+
+def test_plain_vllms_cpu_counts_as_the_language_side() -> None:
+    vision, language = comparison.server_cores({"vllm_cpu_cores": 1.5})
+    assert math.isnan(vision) and language == 1.5
+
+
+def test_a_vllm_phase_that_stopped_early_says_so_above_what_it_measured() -> None:
+    text = comparison.markdown(report(enabled=True, reason=None, setups="", error="VllmStartError: vllm-a: exited"))
+    assert "The phase stopped early: VllmStartError: vllm-a: exited.\n\n| comparison |" in text

@@ -110,3 +110,13 @@ def test_engine_steps_are_pooled_into_the_mean_decode_batch() -> None:
     assert summary["llm_steps"] == 18.0
     assert summary["llm_decode_batch"] == 60.0 / 15.0
     assert "llm_decode_batch" not in summarize([closed_loop([1.0], concurrency=1)])
+
+
+def test_vir_decisions_are_pooled_into_the_compressed_share() -> None:
+    first = closed_loop([1.0, 2.0], concurrency=1)
+    first.vir_tiles = {"256": 6.0, "64": 4.0}
+    second = closed_loop([1.0, 2.0], concurrency=1)
+    second.vir_tiles = {"256": 3.0, "64": 7.0}
+    summary = summarize([first, second, closed_loop([1.0], concurrency=1)])
+    assert (summary["vir_tiles"], summary["vir_compressed_tiles"], summary["vir_compressed_fraction"]) == (20.0, 11.0, 0.55)
+    assert "vir_compressed_fraction" not in summarize([closed_loop([1.0], concurrency=1)])

@@ -43,3 +43,28 @@ def test_a_process_that_is_gone_is_left_out() -> None:
     assert server_cpu.process_cpu_s(process.pid) is None
     assert server_cpu.snapshot({"gone": process.pid}) == {}
     assert server_cpu.spent({"gone": 1.0}, {}) == {}
+
+
+def test_a_servers_cpu_includes_its_child_processes() -> None:
+    """vLLM's engine runs in a child of the server process (DvD's language server or plain vLLM's)."""
+    child = ("import sys, time\nsys.stdin.readline()\nend = time.process_time() + 0.6\n"
+             "while time.process_time() < end: pass\nprint('spun', flush=True)\nsys.stdin.read()")
+    parent = subprocess.Popen(
+        [sys.executable, "-c", "import subprocess, sys\n"
+         f"child = subprocess.Popen([sys.executable, '-c', {child!r}])\n"
+         "print(child.pid, flush=True)\nchild.wait()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        child_pid = int(parent.stdout.readline())
+        assert server_cpu.descendants(parent.pid) == [child_pid]
+        before = server_cpu.snapshot({"server": parent.pid})
+        parent.stdin.write(b"go\n")  # the child shares the parent's stdin and stdout
+        parent.stdin.flush()
+        ready, _, _ = select.select([parent.stdout], [], [], 60)
+        assert ready and parent.stdout.readline() == b"spun\n"
+        spent = server_cpu.spent(before, server_cpu.snapshot({"server": parent.pid}))
+        assert 0.5 <= spent["server"] < 5
+        assert server_cpu.process_cpu_s(parent.pid) < 0.5 * spent["server"]  # the parent itself idled
+    finally:
+        parent.stdin.close()
+        parent.wait(timeout=30)

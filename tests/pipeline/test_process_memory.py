@@ -43,3 +43,30 @@ def test_freed_blocks_are_reused_without_page_faults() -> None:
 
 def test_the_environment_s_own_malloc_settings_are_left_alone() -> None:
     assert not child("tuned", {"MALLOC_TRIM_THRESHOLD_": "131072"})["applied"]
+
+
+def test_bind_process_tree_binds_every_thread_of_a_child_and_its_children():
+    import os
+    import subprocess
+    import sys
+
+    from pipeline.process import bind_process_tree
+
+    allowed = sorted(os.sched_getaffinity(0))
+    code = (
+        "import subprocess, sys, threading\n"
+        "threading.Thread(target=sys.stdin.read, daemon=True).start()\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'], stdin=subprocess.PIPE)\n"
+        "print(child.pid, flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        grandchild = int(parent.stdout.readline())
+        assert bind_process_tree(parent.pid, (allowed[-1],)) >= 3  # two threads of the child, one of its child
+        for pid in (parent.pid, grandchild):
+            for thread in os.listdir(f"/proc/{pid}/task"):
+                assert os.sched_getaffinity(int(thread)) == {allowed[-1]}
+    finally:
+        parent.stdin.close()
+        parent.wait(timeout=30)
