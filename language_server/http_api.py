@@ -27,11 +27,11 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from language_server.api import GenerationService
-from language_server.media_urls import MediaUrls
+from language_server.media_urls import MediaUrls, read_bounded
 from language_server.openai_request import ChatCompletionRequest, to_generate_request
 from language_server.openai_response import ResponseBuilder, error_body, sse
 from pipeline.errors import (
-    DvDError, InternalError, InvalidRequest, ModelNotFound, PayloadTooLarge, Unauthenticated,
+    DvDError, InternalError, InvalidRequest, ModelNotFound, Unauthenticated,
 )
 
 log = logging.getLogger(__name__)
@@ -117,17 +117,8 @@ def create_app(service: GenerationService, tokenizer: Any) -> FastAPI:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length", "")
-    too_large = "the request body is over the limit of {} bytes (language.max_request_bytes)".format(limit)
-    if declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(too_large)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(too_large)
-        chunks.append(chunk)
-    return b"".join(chunks)
+    too_large = f"the request body is over the limit of {limit} bytes (language.max_request_bytes)"
+    return await read_bounded(request.stream(), request.headers.get("content-length", ""), limit, too_large)
 
 
 async def _final(events: AsyncIterator[Any]) -> Any:

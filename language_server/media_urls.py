@@ -12,7 +12,7 @@ import base64
 import binascii
 import os
 from pathlib import Path
-from typing import Literal
+from typing import AsyncIterator, Literal
 from urllib.parse import unquote, urlparse
 
 import httpx
@@ -104,16 +104,22 @@ async def _fetch(url: str, limit: int, where: str) -> bytes:
         async with client.stream("GET", url) as response:
             if response.status_code != 200:
                 raise InvalidRequest(f"{where}: fetching {_short(url)!r} answered HTTP {response.status_code}")
-            declared = response.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > limit:
-                raise PayloadTooLarge(too_large)
-            chunks, size = [], 0
-            async for chunk in response.aiter_bytes():
-                size += len(chunk)
-                if size > limit:
-                    raise PayloadTooLarge(too_large)
-                chunks.append(chunk)
-    return b"".join(chunks)
+            return await read_bounded(response.aiter_bytes(), response.headers.get("content-length", ""), limit,
+                                      too_large)
+
+
+async def read_bounded(chunks: AsyncIterator[bytes], declared_length: str, limit: int, too_large: str) -> bytes:
+    """A body of at most `limit` bytes: refused by its declared length when it has one, and by what
+    arrives otherwise, without reading further (PayloadTooLarge with the message `too_large`)."""
+    if declared_length.isdigit() and int(declared_length) > limit:
+        raise PayloadTooLarge(too_large)
+    parts, size = [], 0
+    async for chunk in chunks:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(too_large)
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def _short(text: str, limit: int = 120) -> str:
