@@ -24,7 +24,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	if $(BIN)/python -c "import sys, torch; sys.exit(torch.version.cuda is not None)"; then \
 		$(BIN)/python -m pip uninstall --quiet -y torchaudio torchcodec; fi
-	$(BIN)/python -c "from pipeline.torchvision_ops import write_pth; print('torchvision import hook:', write_pth())"
+	$(BIN)/python -c "from pipeline.runtime.torchvision_ops import write_pth; print('torchvision import hook:', write_pth())"
 	$(MAKE) --no-print-directory tcmalloc
 	touch $@
 

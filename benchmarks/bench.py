@@ -87,7 +87,7 @@ from benchmarks.report import RESULTS, Progress, write_json
 from benchmarks.vllm_server import VllmServer, VllmStartError, kv_cache_gib, vllm_import_error
 from benchmarks.workloads import Workload, workloads
 from pipeline.config import LanguageConfig, VisionConfig, load_config
-from pipeline.launch import Deployment, LaunchError
+from pipeline.entrypoints.launch import Deployment, LaunchError
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "tiny.yaml"

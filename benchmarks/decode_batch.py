@@ -28,7 +28,7 @@ from language_server.engine.sampling import SamplingParams
 from language_server.engine.sequence import EngineOutput, EngineRequest
 from language_server.model import LanguageModel
 from language_server.server import load_tokenizer
-from pipeline.checkpoint import open_model
+from pipeline.model.checkpoint import open_model
 from pipeline.config import LanguageConfig
 
 PROMPT_TOKENS = 1300  # an 896 px image request: 5 tiles of 256 rows plus the chat template

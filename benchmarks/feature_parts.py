@@ -19,7 +19,7 @@ from benchmarks.models import bench_model
 from benchmarks.report import RESULTS, markdown_table, write_json
 from benchmarks.workloads import workloads
 from pipeline.config import LanguageConfig
-from pipeline.launch import Deployment
+from pipeline.entrypoints.launch import Deployment
 
 SETTINGS = {"parts": True, "whole": False}
 COLUMNS = [

@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from pipeline.launch import Deployment
+from pipeline.entrypoints.launch import Deployment
 
 if TYPE_CHECKING:
     from benchmarks.load import LoadResult

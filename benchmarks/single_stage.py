@@ -17,7 +17,7 @@ from benchmarks.workloads import PROMPT, Workload
 from language_server.vision_client import VisionClient, new_job_id
 from pipeline.client import DvDClient, message
 from pipeline.errors import DvDError
-from pipeline.launch import Deployment
+from pipeline.entrypoints.launch import Deployment
 from pipeline.wire import VisionJob
 from proto.dvd.v1 import generate_pb2 as pb
 

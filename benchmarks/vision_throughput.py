@@ -32,9 +32,9 @@ from typing import Any
 from benchmarks.report import markdown_table, write_json
 from benchmarks.server_cpu import scrape
 from benchmarks.workloads import PHOTOS, SIZES, photo
-from pipeline.channels import PushChannel
+from pipeline.wire.channels import PushChannel
 from pipeline.config import TransportConfig
-from pipeline.launch import Deployment, ServerProcess
+from pipeline.entrypoints.launch import Deployment, ServerProcess
 from pipeline.transport import create_backend
 from pipeline.wire import VisionJob, decode_header
 
@@ -153,7 +153,7 @@ def throughput(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
 # ----- ViR ------------------------------------------------------------------------------------
 def vir_savings(args: argparse.Namespace, log_dir: Path) -> list[dict[str, Any]]:
     from pipeline.client import DvDClient, image, message, sampling
-    from pipeline.tiny_model import tiny_model_dir
+    from pipeline.model.tiny_model import tiny_model_dir
     from proto.dvd.v1 import generate_pb2 as pb
 
     data = [photo(name, side) for side in (SIZES["896px"], SIZES["1344px"]) for name in PHOTOS]

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
-from pipeline.process import bind_process_tree
+from pipeline.runtime.process import bind_process_tree
 
 HEALTH_ATTEMPT_S = 2.0  # one /health request
 POLL_S = 0.5  # between /health attempts, spent waiting on the process (which also notices its exit)

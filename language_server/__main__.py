@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.process import server_args
+from pipeline.runtime.process import server_args
 
 
 def main(argv: list[str] | None = None) -> int:

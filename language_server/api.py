@@ -15,7 +15,7 @@ from language_server.engine.sampling import SampleOutput
 from language_server.engine.sequence import EngineOutput
 from language_server.media import MediaStage, MediaTrace
 from language_server.request import GenerationRequest
-from pipeline.checkpoint import Checkpoint
+from pipeline.model.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded, DvDError, InternalError
 from pipeline.stages import Pipeline

@@ -10,9 +10,9 @@ import torch
 from language_server.engine.async_engine import AsyncEngine
 from language_server.engine.engine import Engine
 from language_server.model import LanguageModel
-from pipeline.checkpoint import Checkpoint
+from pipeline.model.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
-from pipeline.grpc_server import parameter_bytes
+from pipeline.runtime.grpc_server import parameter_bytes
 
 
 @dataclass

@@ -5,7 +5,7 @@ pipeline's vision stage for the first part of every answer, builds the prompt fr
 reported per-tile token counts and hands the engine the rows: ready, or, when an answer comes
 in several parts, an ArrivingRows that the request's feeder task fills as the parts arrive.
 The colocated baseline provides the same `engine_request` method but encodes inline on the
-engine thread (pipeline/colocated.py).
+engine thread (pipeline/entrypoints/colocated.py).
 """
 
 from __future__ import annotations

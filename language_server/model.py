@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from pipeline.checkpoint import Checkpoint, CheckpointError, materialize
+from pipeline.model.checkpoint import Checkpoint, CheckpointError, materialize
 
 
 class LanguageModel(nn.Module):

@@ -19,12 +19,12 @@ from language_server.http_api import HttpApi, create_app
 from language_server.media import LocalVision, MediaStage, RemoteMedia
 from language_server.prompt import PromptBuilder, template_mismatch
 from language_server.vision_client import VisionClient
-from pipeline.checkpoint import Checkpoint, CheckpointError, open_model
+from pipeline.model.checkpoint import Checkpoint, CheckpointError, open_model
 from pipeline.config import DvDConfig
-from pipeline.logs import setup_logging
-from pipeline.process import configure_torch, start_metrics
+from pipeline.runtime.logs import setup_logging
+from pipeline.runtime.process import configure_torch, start_metrics
 from pipeline.stages import Pipeline
-from pipeline.grpc_server import (
+from pipeline.runtime.grpc_server import (
     NOT_SERVING,
     SERVING,
     parameter_bytes,
@@ -35,7 +35,7 @@ from pipeline.grpc_server import (
     server_info,
     server_options,
 )
-from pipeline.tls import TlsError, server_credentials, tls_mode
+from pipeline.runtime.tls import TlsError, server_credentials, tls_mode
 from proto.dvd.v1 import admin_pb2_grpc, generate_pb2_grpc
 
 log = logging.getLogger(__name__)

@@ -12,7 +12,7 @@ import io
 
 from PIL import Image
 
-from pipeline.tiling import most_tiles, tile_count, upright_size
+from pipeline.model.tiling import most_tiles, tile_count, upright_size
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:

@@ -26,8 +26,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from language_server.tile_estimate import image_tiles, video_tiles
-from pipeline.tiling import most_tiles
-from pipeline.channels import PushChannel
+from pipeline.model.tiling import most_tiles
+from pipeline.wire.channels import PushChannel
 from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded, InternalError, Unavailable
 from pipeline.transport import FeatureReceiver, create_backend

@@ -7,7 +7,7 @@ from typing import Iterator
 
 import grpc
 
-from pipeline.tls import channel_credentials
+from pipeline.runtime.tls import channel_credentials
 from proto.dvd.v1 import generate_pb2 as pb
 from proto.dvd.v1 import generate_pb2_grpc
 

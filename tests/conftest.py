@@ -66,7 +66,7 @@ def photo_bytes(name: str, fmt: str = "JPEG") -> bytes:
 
 @pytest.fixture(scope="session")
 def tiny_dirs() -> dict[str, Path]:
-    from pipeline.tiny_model import tiny_model_dir
+    from pipeline.model.tiny_model import tiny_model_dir
 
     return {"hf": tiny_model_dir("hf"), "original": tiny_model_dir("original")}
 
@@ -80,7 +80,7 @@ def tokenizer(tiny_dirs):
 
 def _deployments(tmp_path_factory) -> Iterator[Callable[..., Any]]:
     """Factory: start real servers from configs/tiny.yaml plus overrides; stopped when the factory ends."""
-    from pipeline.launch import Deployment
+    from pipeline.entrypoints.launch import Deployment
 
     started: list[Deployment] = []
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import signal
 import sys
 
-from pipeline.logs import setup_logging
-from pipeline.process import configure_torch, server_args, start_metrics
+from pipeline.runtime.logs import setup_logging
+from pipeline.runtime.process import configure_torch, server_args, start_metrics
 
 
 def main(argv: list[str] | None = None) -> int:

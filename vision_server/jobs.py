@@ -15,7 +15,7 @@ import torch
 from pipeline.config import DvDConfig
 from pipeline.wire import JobStatus, VisionJob
 from vision_server.feature_cache import CachedFeatures
-from pipeline.tiling import tile_count
+from pipeline.model.tiling import tile_count
 from vision_server.preprocess import ImageError, TilingParams, decode_image, image_size, tile_image, to_pixel_values
 from vision_server.video import VideoSampling, iter_video_frames
 from vision_server.vir import TokenMode

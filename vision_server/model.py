@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector, InternVLVisionModel
 
-from pipeline.checkpoint import Checkpoint, materialize
+from pipeline.model.checkpoint import Checkpoint, materialize
 
 
 def pixel_shuffle(features: torch.Tensor, scale: float) -> torch.Tensor:

@@ -17,7 +17,7 @@ from transformers.image_transforms import convert_to_rgb
 
 from pipeline.config import ImageLimits
 
-from pipeline.tiling import find_grid, upright_size
+from pipeline.model.tiling import find_grid, upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -23,9 +23,9 @@ from concurrent import futures
 
 import grpc
 
-from pipeline.channels import PullChannel
+from pipeline.wire.channels import PullChannel
 from pipeline.config import DvDConfig
-from pipeline.grpc_server import SERVING, AdminService, add_health_and_reflection, parameter_bytes, server_info
+from pipeline.runtime.grpc_server import SERVING, AdminService, add_health_and_reflection, parameter_bytes, server_info
 from pipeline.wire import JobStatus, VisionJob, WireError, error_header
 from proto.dvd.v1 import admin_pb2_grpc
 from vision_server import metrics

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from pipeline.checkpoint import Checkpoint, CheckpointError, materialize
+from pipeline.model.checkpoint import Checkpoint, CheckpointError, materialize
 
 TokenMode = Literal["router", "all_256", "all_64"]
 POOLING_HEADS = 16

@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from pipeline.checkpoint import CheckpointError, open_model
+from pipeline.model.checkpoint import CheckpointError, open_model
 from pipeline.config import DvDConfig
 from pipeline.wire import FeatureHeader, JobStatus, VisionJob, VisionTimings, error_header
 from vision_server import metrics

@@ -7,9 +7,9 @@ import platform
 import sys
 from pathlib import Path
 
-from pipeline.checkpoint import Checkpoint
+from pipeline.model.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
-from pipeline.config_fields import ConfigError
+from pipeline.config.fields import ConfigError
 
 WORKER_EXTENSION = "language_server.vllm_engine.worker_ext.ParameterReport"
 ARCHITECTURES = {"original": "DvDInternVLChatModel", "hf": "DvDInternVLForConditionalGeneration"}  # plugin.py registers them

@@ -16,10 +16,10 @@ from language_server.engine.sequence import EngineOutput, EngineRequest
 from language_server.vllm_engine.args import apply_environment, engine_args
 from language_server.vllm_engine.prompt import ImageTokens, vllm_prompt
 from language_server.vllm_engine.stats import EngineStats, stat_logger_factory
-from pipeline.checkpoint import Checkpoint
+from pipeline.model.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
 from pipeline.errors import DvDError, InternalError, InvalidRequest, Unavailable
-from pipeline.process import bind_process_tree
+from pipeline.runtime.process import bind_process_tree
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig, PretrainedConfig
 
-from pipeline.checkpoint import llm_text_config
+from pipeline.model.checkpoint import llm_text_config
 
 MODEL_TYPE = "internvl_chat"
 MODEL_CLASSES = {

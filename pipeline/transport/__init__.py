@@ -1,10 +1,5 @@
-"""Feature transports, registered by the name used in YAML and imported lazily."""
+"""Feature transports: the primitives in `base`, backends registered by name in `registry`."""
 
-from __future__ import annotations
-
-import importlib
-
-from pipeline.config import TransportConfig
 from pipeline.transport.base import (
     FeatureReceiver,
     FeatureSender,
@@ -13,36 +8,7 @@ from pipeline.transport.base import (
     TransportBackend,
     TransportError,
 )
-
-_BACKENDS: dict[str, str] = {
-    "tcp": "pipeline.transport.tcp:TcpBackend",
-    "shm": "pipeline.transport.shm:ShmBackend",
-    "nixl": "pipeline.transport.nixl:NixlBackend",  # optional: pip install -e ".[rdma]"
-}
-
-
-def register_backend(name: str, target: str) -> None:
-    """Register a backend as "module.path:ClassName" (imported on first use)."""
-    _BACKENDS[name] = target
-
-
-def registered_backends() -> list[str]:
-    return sorted(_BACKENDS)
-
-
-def create_backend(config: TransportConfig) -> TransportBackend:
-    """Import and instantiate the backend named by config.backend."""
-    try:
-        target = _BACKENDS[config.backend]
-    except KeyError:
-        raise TransportError(f"unknown transport backend {config.backend!r} (known: {registered_backends()})") from None
-    module_name, _, class_name = target.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise TransportError(f"transport backend {config.backend!r} is not available: {exc}") from exc
-    return getattr(module, class_name)(config)
-
+from pipeline.transport.registry import backend_names, create_backend
 
 __all__ = [
     "FeatureReceiver",
@@ -51,7 +17,6 @@ __all__ = [
     "ReceivedFrame",
     "TransportBackend",
     "TransportError",
+    "backend_names",
     "create_backend",
-    "register_backend",
-    "registered_backends",
 ]

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.client import DvDClient, message
-from pipeline.launch import Deployment, LaunchError
+from pipeline.entrypoints.launch import Deployment, LaunchError
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import TINY_CONFIG, port_overrides
 

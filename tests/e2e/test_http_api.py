@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from pipeline.cli import curl_command
+from pipeline.entrypoints.cli import curl_command
 from pipeline.client import image, message, sampling
 from tests.conftest import photo_bytes, requires_vllm
 from tests.waiting import wait_until

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import grpc
 
-from pipeline.checkpoint import open_model
+from pipeline.model.checkpoint import open_model
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 
 

@@ -119,7 +119,7 @@ def test_servers_go_when_their_launcher_is_killed():
 
 
 def test_a_server_that_fails_to_start_is_reported_with_its_exit_and_log(tmp_path):
-    from pipeline.launch import Deployment, LaunchError
+    from pipeline.entrypoints.launch import Deployment, LaunchError
 
     deployment = Deployment(TINY_CONFIG, {**port_overrides(), "model.path": str(tmp_path / "absent")}, log_dir=tmp_path)
     with pytest.raises(LaunchError) as failure:
@@ -145,7 +145,7 @@ def test_a_port_held_by_another_server_fails_start_up(tmp_path):
 
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-    from pipeline.launch import Deployment, LaunchError
+    from pipeline.entrypoints.launch import Deployment, LaunchError
 
     other = grpc.server(futures.ThreadPoolExecutor(2), options=[("grpc.so_reuseport", 0)])
     servicer = health.HealthServicer()
@@ -165,7 +165,7 @@ def test_a_port_held_by_another_server_fails_start_up(tmp_path):
 
 
 def test_servers_start_only_from_the_main_thread():
-    from pipeline.launch import LaunchError, ServerProcess
+    from pipeline.entrypoints.launch import LaunchError, ServerProcess
 
     server = ServerProcess("probe", [sys.executable, "-c", "pass"], "127.0.0.1:9")
     errors: list[BaseException] = []
@@ -184,7 +184,7 @@ def test_servers_start_only_from_the_main_thread():
 
 
 def test_stop_sweeps_shm_segments_of_dead_servers():
-    from pipeline.launch import Deployment
+    from pipeline.entrypoints.launch import Deployment
     from pipeline.transport.shm_segments import PREFIX, SHM_DIR
 
     stale = SHM_DIR / f"{PREFIX}{os.getpid()}-1-0"  # start time 1 tick: a process that no longer runs
@@ -200,7 +200,7 @@ def test_a_vision_port_shared_through_so_reuseport_fails_start_up(tmp_path):
     """gRPC sets SO_REUSEPORT by default, which would let the vision server bind beside another."""
     from concurrent import futures
 
-    from pipeline.launch import Deployment, LaunchError
+    from pipeline.entrypoints.launch import Deployment, LaunchError
 
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -223,7 +223,7 @@ def test_a_vision_port_shared_through_so_reuseport_fails_start_up(tmp_path):
 
 
 def test_starting_a_started_deployment_is_refused_and_leaves_it_serving(tmp_path):
-    from pipeline.launch import Deployment, LaunchError
+    from pipeline.entrypoints.launch import Deployment, LaunchError
 
     with Deployment(TINY_CONFIG, port_overrides(), log_dir=tmp_path) as deployment:
         pids = [server.process.pid for server in deployment.servers]

@@ -7,8 +7,8 @@ import json
 import shutil
 
 from pipeline.client import DvDClient, message
-from pipeline.launch import Deployment
-from pipeline.tiny_model import tiny_model_dir
+from pipeline.entrypoints.launch import Deployment
+from pipeline.model.tiny_model import tiny_model_dir
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import TINY_CONFIG, port_overrides
 

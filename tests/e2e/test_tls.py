@@ -17,9 +17,9 @@ import httpx
 import openai
 import pytest
 
-from pipeline import cli
+from pipeline.entrypoints import cli
 from pipeline.client import DvDClient, message
-from pipeline.launch import Deployment, LaunchError
+from pipeline.entrypoints.launch import Deployment, LaunchError
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import TINY_CONFIG, port_overrides
 

@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from pipeline.client import DvDClient, image, message, sampling
-from pipeline.launch import wait_healthy
+from pipeline.entrypoints.launch import wait_healthy
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import photo_bytes
 

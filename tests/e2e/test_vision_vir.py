@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.checkpoint_names import hf_to_original
+from pipeline.model.checkpoint_names import hf_to_original
 from pipeline.client import sampling
-from pipeline.tiny_model import tiny_model_dir
+from pipeline.model.tiny_model import tiny_model_dir
 from tests.conftest import photo_bytes
 from tests.reference import Reference, img, text, to_messages
 from tests.vision_server.helpers import JobClient

@@ -10,9 +10,9 @@ import grpc
 import pytest
 import torch
 
-from pipeline.checkpoint import open_model
+from pipeline.model.checkpoint import open_model
 from pipeline.client import message, sampling, video
-from pipeline.tiny_model import tiny_model_dir
+from pipeline.model.tiny_model import tiny_model_dir
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 from tests.conftest import VLLM_ENGINE, photo_bytes, requires_vllm
 from tests.e2e.test_equivalence import CASES

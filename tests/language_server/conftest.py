@@ -103,7 +103,7 @@ def single_threaded_test() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def engine_lm(tiny_dirs) -> LanguageModel:
     """The tiny Qwen3 LLM in float32, loaded the way the language server loads it."""
-    from pipeline.checkpoint import open_model
+    from pipeline.model.checkpoint import open_model
 
     model, _ = LanguageModel.from_checkpoint(open_model(str(tiny_dirs["hf"])), "cpu", torch.float32)
     return model

@@ -281,7 +281,7 @@ ONCE_CASES = {
 @pytest.mark.parametrize("mode", ["decoupled", "colocated"])
 @pytest.mark.parametrize("name", list(ONCE_CASES))
 def test_a_request_is_tokenized_once_into_the_same_ids(tokenizer, name, mode):
-    from pipeline.colocated import InlineMedia
+    from pipeline.entrypoints.colocated import InlineMedia
 
     messages, system_prompt = ONCE_CASES[name]
     prompts = PromptBuilder(tokenizer, system_prompt)

@@ -89,7 +89,7 @@ class _PartsServer:
     def __init__(self, config, parts) -> None:
         import threading
 
-        from pipeline.channels import PullChannel
+        from pipeline.wire.channels import PullChannel
 
         self.jobs = PullChannel(f"tcp://{config.vision.host}:{config.vision.job_port}")
         self.sender = create_backend(config.transport).sender()

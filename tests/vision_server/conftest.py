@@ -27,7 +27,7 @@ def worker(tiny_dirs):
 
 @pytest.fixture(scope="session")
 def flash_dir(tiny_dirs):
-    from pipeline.tiny_model import tiny_model_dir
+    from pipeline.model.tiny_model import tiny_model_dir
 
     return tiny_model_dir("flash")
 

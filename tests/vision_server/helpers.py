@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from pipeline.channels import PushChannel
+from pipeline.wire.channels import PushChannel
 from pipeline.config import TransportConfig
-from pipeline.launch import LaunchError, ServerProcess
+from pipeline.entrypoints.launch import LaunchError, ServerProcess
 from pipeline.transport import create_backend
 from pipeline.wire import FeatureHeader, VisionJob, decode_features, decode_header
 from tests.conftest import TINY_CONFIG, free_ports

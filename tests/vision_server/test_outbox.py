@@ -14,7 +14,7 @@ import torch
 from pipeline.config import TransportConfig
 from pipeline.transport import TransportError, create_backend
 from pipeline.wire import FeatureHeader, JobStatus, VisionJob, decode_features, decode_header, error_header
-from tests.pipeline.transport_helpers import our_segments
+from tests.pipeline.transport.helpers import our_segments
 from tests.waiting import wait_until
 from vision_server.batcher import TileBatcher
 from vision_server.outbox import Outbox

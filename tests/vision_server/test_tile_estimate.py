@@ -11,7 +11,7 @@ from PIL import Image, PngImagePlugin
 
 from language_server.request import GenerationRequest
 from language_server.tile_estimate import image_size as estimated_size, image_tiles, video_tiles
-from pipeline.tiling import tile_count
+from pipeline.model.tiling import tile_count
 from language_server.vision_client import estimate_tiles
 from pipeline.client import image, message, video
 from pipeline.config import ImageLimits, load_config

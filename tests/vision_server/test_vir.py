@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from pipeline.checkpoint import open_checkpoint
+from pipeline.model.checkpoint import open_checkpoint
 from pipeline.wire import JobStatus, VisionJob
 from tests.conftest import photo_bytes
 from tests.vision_server.conftest import vision_config

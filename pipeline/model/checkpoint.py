@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig, PreTrainedConfig
 
-from pipeline.checkpoint_names import CheckpointError, Format, Part, part_of, renamer
+from pipeline.model.checkpoint_names import CheckpointError, Format, Part, part_of, renamer
 
 
 @dataclass
@@ -244,7 +244,7 @@ def _rebuild_meta_buffers(module: torch.nn.Module, device: torch.device | str) -
 def open_model(path: str, format: Literal["auto", "hf", "original"] = "auto") -> Checkpoint:
     """Open the configured model: a local directory, or "tiny" (generated on first use)."""
     if path == "tiny":
-        from pipeline.tiny_model import tiny_model_dir
+        from pipeline.model.tiny_model import tiny_model_dir
 
         return open_checkpoint(tiny_model_dir("hf" if format == "auto" else format), format)
     return open_checkpoint(path, format)

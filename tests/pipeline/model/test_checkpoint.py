@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from language_server.model import LanguageModel
-from pipeline.checkpoint import CheckpointError, open_checkpoint, open_model
-from pipeline.checkpoint_names import hf_to_original
+from pipeline.model.checkpoint import CheckpointError, open_checkpoint, open_model
+from pipeline.model.checkpoint_names import hf_to_original
 from vision_server.model import VisionEncoder, pixel_shuffle
 
 

@@ -16,9 +16,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from pipeline.config import DvDConfig, load_config
-from pipeline.config_fields import wildcard
-from pipeline.process import launched_env
-from pipeline.tls import TlsDial, client_identity_error
+from pipeline.config.fields import wildcard
+from pipeline.runtime.process import launched_env
+from pipeline.runtime.tls import TlsDial, client_identity_error
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 
 HEALTH_ATTEMPT_S = 1.0
@@ -204,7 +204,7 @@ class Deployment:
                 argv = [sys.executable, "-m", "vision_server", *common, "--replica", str(i)]
                 servers.append(ServerProcess(f"vision-{i}", argv, f"{vc.host}:{vc.grpc_port + i}"))
         if self.config.mode == "colocated":
-            name, argv = "colocated", [sys.executable, "-m", "pipeline.colocated", *common]
+            name, argv = "colocated", [sys.executable, "-m", "pipeline.entrypoints.colocated", *common]
         else:
             name, argv = "language", [sys.executable, "-m", "language_server", *common]
         servers.append(ServerProcess(name, argv, self.address, api_key=lc.api_key, tls=TlsDial.of(lc)))
@@ -223,7 +223,7 @@ class Deployment:
         if running:
             raise LaunchError(f"{', '.join(running)}: already started (a `with Deployment(...)` block starts it)")
         if self.config.model.path == "tiny":
-            from pipeline.tiny_model import tiny_model_dir
+            from pipeline.model.tiny_model import tiny_model_dir
 
             tiny_model_dir("original" if self.config.model.format == "original" else "hf")
         self._check_launcher_identity()

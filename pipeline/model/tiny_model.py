@@ -6,7 +6,7 @@ InternVL special tokens at their real ids. Generated deterministically on first 
 a cache directory; its text is meaningless, every other part of the system is real.
 
 A third directory, `flash`, holds the same model as an InternVL3.5-Flash checkpoint in the
-original format, with the ViR router added (pipeline/tiny_flash.py).
+original format, with the ViR router added (pipeline/model/tiny_flash.py).
 """
 
 from __future__ import annotations
@@ -246,8 +246,8 @@ def generate(
     """Write a random model in HF-native (root/hf), original (root/original) and Flash (root/flash) formats."""
     from safetensors.torch import save_file
 
-    from pipeline.checkpoint_names import hf_to_original
-    from pipeline.tiny_flash import write_flash
+    from pipeline.model.checkpoint_names import hf_to_original
+    from pipeline.model.tiny_flash import write_flash
 
     tokenizer = build_tokenizer()
     model = build_model(seed, vision_config, text_config, dtype, device).to("cpu")

@@ -11,7 +11,7 @@ import threading
 from pathlib import Path
 
 from pipeline.config import ConfigError, parse_override
-from pipeline.config_fields import wildcard
+from pipeline.config.fields import wildcard
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +72,7 @@ def _connect(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from pipeline.launch import Deployment, LaunchError, StartInterrupted
+    from pipeline.entrypoints.launch import Deployment, LaunchError, StartInterrupted
 
     deployment = Deployment(args.config, dict(parse_override(s) for s in args.set))
     stop = threading.Event()
@@ -168,7 +168,7 @@ def curl_command(deployment) -> str:
 
 def _sample_png() -> Path:
     """A small generated PNG (a few kB: its base64 fits in one command-line argument)."""
-    from pipeline.tiny_model import cache_root
+    from pipeline.model.tiny_model import cache_root
 
     path = cache_root() / "samples" / "gradient.png"
     if not path.exists():
@@ -181,7 +181,7 @@ def _sample_png() -> Path:
 
 
 def _tls_note(lc) -> str:
-    from pipeline.tls import tls_mode
+    from pipeline.runtime.tls import tls_mode
 
     return {"off": "", "on": " over TLS", "mutual": " over mutual TLS"}[tls_mode(lc)]
 
@@ -199,7 +199,7 @@ def _tls_flags(lc) -> str:
 
 def _sample_image() -> Path:
     """A photo to try the servers with, written once into the cache."""
-    from pipeline.tiny_model import cache_root
+    from pipeline.model.tiny_model import cache_root
 
     path = cache_root() / "samples" / "astronaut.jpg"
     if not path.exists():
@@ -255,7 +255,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    from pipeline.tiny_model import tiny_model_dir
+    from pipeline.model.tiny_model import tiny_model_dir
 
     print(tiny_model_dir("hf"))
     print(tiny_model_dir("original"))

@@ -6,13 +6,13 @@ import pytest
 import torch
 
 from pipeline.config import TransportConfig
-from pipeline.transport import TransportError, create_backend, registered_backends
+from pipeline.transport import TransportError, create_backend, backend_names
 from pipeline.wire import FeatureHeader, decode_features, decode_header, encode_features
 from tests.waiting import wait_until
 
 
 def test_registry_knows_tcp_and_rejects_unknown_names():
-    assert "tcp" in registered_backends()
+    assert "tcp" in backend_names()
     config = TransportConfig()
     object.__setattr__(config, "backend", "carrier-pigeon")  # bypass the config check on purpose
     with pytest.raises(TransportError, match="unknown transport backend 'carrier-pigeon'"):
@@ -73,7 +73,7 @@ def test_tcp_sender_keeps_few_sockets_and_none_for_a_bad_address():
 
 
 def test_frames_over_the_receivers_limit_are_refused():
-    from pipeline.channels import PullChannel, PushChannel
+    from pipeline.wire.channels import PullChannel, PushChannel
 
     backend = create_backend(TransportConfig(backend="tcp", send_timeout_s=5))
     receiver = backend.receiver("127.0.0.1", 0, max_frame_bytes=4096)

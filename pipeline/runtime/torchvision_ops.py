@@ -69,5 +69,5 @@ def write_pth() -> Path:
     import sysconfig
 
     path = Path(sysconfig.get_paths()["purelib"]) / "dvd_torchvision_ops.pth"
-    path.write_text("import pipeline.torchvision_ops; pipeline.torchvision_ops.install()\n")
+    path.write_text("import pipeline.runtime.torchvision_ops; pipeline.runtime.torchvision_ops.install()\n")
     return path

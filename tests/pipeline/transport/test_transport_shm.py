@@ -16,10 +16,10 @@ from pipeline.transport import TransportError
 from pipeline.transport.shm import encode_handle
 from pipeline.transport.shm_segments import SHM_DIR, sweep_stale_segments
 from pipeline.transport.tcp import TcpBackend
-from tests.pipeline.transport_helpers import Pairs, our_segments, receive, send_features
+from tests.pipeline.transport.helpers import Pairs, our_segments, receive, send_features
 from tests.waiting import wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 TIMEOUT_S = 10.0
 
 

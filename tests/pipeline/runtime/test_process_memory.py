@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 CHILD = """
 import json, resource, sys
 import torch
-from pipeline.process import keep_freed_memory
+from pipeline.runtime.process import keep_freed_memory
 applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
 logits = torch.ones(8, 151675)
 (logits - 1.0).sum()  # first use of the block
@@ -50,7 +50,7 @@ def test_bind_process_tree_binds_every_thread_of_a_child_and_its_children():
     import subprocess
     import sys
 
-    from pipeline.process import bind_process_tree
+    from pipeline.runtime.process import bind_process_tree
 
     allowed = sorted(os.sched_getaffinity(0))
     code = (

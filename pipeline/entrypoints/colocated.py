@@ -5,7 +5,7 @@ serving the same gRPC API. Each request's images are encoded on the engine threa
 before its first prefill, so a large image stalls every running decode - the way one-process
 servers behave, and what DvD is measured against.
 
-    python -m pipeline.colocated --config configs/tiny.yaml --set mode=colocated
+    python -m pipeline.entrypoints.colocated --config configs/tiny.yaml --set mode=colocated
 """
 
 from __future__ import annotations
@@ -89,9 +89,9 @@ class ColocatedVision:
 
 def main(argv: list[str] | None = None) -> int:
     from language_server.server import run_until_signalled
-    from pipeline.process import server_args
+    from pipeline.runtime.process import server_args
 
-    _, config = server_args("python -m pipeline.colocated", "Run the colocated baseline.", argv)
+    _, config = server_args("python -m pipeline.entrypoints.colocated", "Run the colocated baseline.", argv)
     run_until_signalled(config, "colocated", lambda: ColocatedVision(config))
     return 0
 

@@ -14,7 +14,7 @@ from pipeline.config import TransportConfig  # noqa: E402
 from pipeline.transport import TransportError, create_backend  # noqa: E402
 from pipeline.transport.nixl import encode_descriptor  # noqa: E402
 from pipeline.transport.tcp import TcpBackend  # noqa: E402
-from tests.pipeline.transport_helpers import Pairs, receive, send_features  # noqa: E402
+from tests.pipeline.transport.helpers import Pairs, receive, send_features  # noqa: E402
 from tests.waiting import wait_until  # noqa: E402
 
 TIMEOUT_S = 10.0

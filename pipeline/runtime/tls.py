@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 
-from pipeline.config_fields import wildcard
+from pipeline.config.fields import wildcard
 
 
 class TlsError(ValueError):

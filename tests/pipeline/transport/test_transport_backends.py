@@ -12,7 +12,7 @@ import torch
 from pipeline.config import TransportConfig
 from pipeline.transport import FeatureReceiver, FeatureSender, TransportError, create_backend
 from pipeline.wire import FeatureHeader, JobStatus, encode_features, error_header
-from tests.pipeline.transport_helpers import our_segments, receive
+from tests.pipeline.transport.helpers import our_segments, receive
 from tests.waiting import wait_until
 
 BACKENDS = ["tcp", "shm", "nixl"]

@@ -1,0 +1,1 @@
+"""Entry points: the `dvd` command, the launcher, and the colocated baseline server."""

@@ -1,0 +1,1 @@
+"""InternVL checkpoints on disk, the tiling rule, and the generated tiny models."""

@@ -1,0 +1,1 @@
+"""Process plumbing shared by the servers: process set-up, logging, gRPC, TLS, import hooks."""
