@@ -7,19 +7,15 @@ Hardware comparisons (CPU thread budgets; `--llm-threads L --vision-threads V`):
 With `--bind-cpus` each server process is bound to CPUs of its own: DvD's vision server to V
 CPUs and its language server to L others; colocated (a) to those same L; colocated (b) to all
 V + L. Vision-only and LLM-only run on DvD's servers, so each single stage is then measured on
-exactly the CPUs it has inside DvD. Off by default: back to back on the 2-core development
-machine, it did not raise efficiency (0.86 / 0.82 bound against 0.87 / 0.89 unbound, whole /
-steady, at 896 px), and every earlier figure was measured unbound.
+exactly the CPUs it has inside DvD. Off by default (benchmarks/RESULTS.md has the A/B run).
 Loads: closed-loop concurrency at three image sizes (about 1, 5 and 10 tiles; `--requests` per
 run at the middle size, where the targets are, and `--other-size-requests` at the others) and
 fixed Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity,
 `--rate-requests` per run). The closed loop saturates every setup: its `--concurrency` (12) is
 above the LLM's batch limit (`--max-num-seqs`, 8, the same in every setup), so a queue stands in
-front of the LLM in DvD as in LLM-only and colocated. With the concurrency at the batch limit
-(8, the default before 2026-11-23), the LLM alone ran all 8 requests in each step while DvD's
-LLM ran only those not at the vision stage (5.7-5.9 of 8 at 896 px) and paid the whole LM head
-per step for fewer tokens, which held pipeline efficiency near 0.9. A
-closed loop starts with all its workers' requests at once; TTFT p99 is reported over every
+front of the LLM in DvD as in LLM-only and colocated (at a concurrency equal to the batch
+limit, DvD's LLM would run only the requests not in the vision stage while the LLM alone runs
+all of them, which understates the pipeline). A closed loop starts with all its workers' requests at once; TTFT p99 is reported over every
 request and, separately, over those after that first wave. Pipeline efficiency = DvD req/s
 divided by min(vision-only req/s, LLM-only req/s): vision-only sends the same images straight
 to the vision server; LLM-only sends text prompts of the same token length to the same language
@@ -61,11 +57,9 @@ setup, comparison (a)) or the same one (equal hardware; (a) and (b) then differ 
 threads). The colocated process runs on one device either way.
 
 Both modes run with the same vision settings. On a CPU a ViT forward is already compute-bound
-at one tile (measured here with a 4-layer small ViT: 109 ms/tile at batch 1, 121-132 ms/tile
-at batches of 5-20; the tiny ViT: 14.4 vs 13.6-15.0 ms/tile), so
-cross-request batching adds latency and stalls the pipeline without adding throughput; the
-bench therefore defaults to `--vision-batch-tiles 1` on a CPU. On a GPU it keeps the config
-default (64), where batching should pay; that was not measured here.
+at one tile (benchmarks/RESULTS.md), so cross-request batching adds latency and stalls the
+pipeline without adding throughput; the bench therefore defaults to `--vision-batch-tiles 1` on
+a CPU. On a GPU it keeps the config default (64).
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """A faster float32 CPU kernel for the few-row linear layers of batched decode steps.
 
-`F.linear(x, W)` computes `x @ W.T`. With a handful of rows, MKL runs that product far below both
-the core's arithmetic peak and its memory bandwidth: on a 2-core AVX2 machine an 8-row product
-with a 32000 x 1024 weight took 25 ms, the same as 16 rows and 3.5x one row. Asking for the
-transposed product, `(W @ x.T).T`, reads the same weight in a layout MKL handles well: 8 rows then
-took 12 ms and 2-4 rows cost the same as one. Large products are about equal either way.
+`F.linear(x, W)` computes `x @ W.T`. With a handful of rows, MKL can run that product far below
+both the core's arithmetic peak and its memory bandwidth. Asking for the transposed product,
+`(W @ x.T).T`, reads the same weight in a layout MKL handles well, so a few-row product costs
+about what one row does. Large products cost about the same either way (see MAX_ROWS).
 
 `install` gives every float32 CPU `nn.Linear` of a model the transposed path; it is taken only
 inside `enabled()`, which the engine holds around its forward, so other users of the same model

@@ -20,11 +20,9 @@ def keep_freed_memory() -> bool:
     """glibc: serve blocks up to 32 MB from the heap and keep freed memory there for reuse.
 
     By default glibc maps every block over 128 kB fresh from the kernel, or trims it back on
-    free, so each engine step page-faults its way through memory it released a step earlier: a
-    [8, 151k] float32 logits tensor (4.8 MB) cost 3 ms to allocate, about 18 times the subtraction
-    that filled it. With these settings the bench's LLM spent 9 % less CPU per request
-    (0.658 against 0.723 s, four alternating rounds in one process). The price is a resident
-    size that stays at its peak. Returns whether the settings were applied: not where the
+    free, so each engine step page-faults its way through memory it released a step earlier
+    (a step's logits tensor, for one). These settings keep such blocks in the heap for the next
+    step; the price is a resident size that stays at its peak. Returns whether the settings were applied: not where the
     environment sets glibc's own MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_, nor off glibc."""
     if any(name in os.environ for name in MALLOC_ENV):
         return False
