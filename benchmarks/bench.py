@@ -15,8 +15,8 @@ fixed Poisson arrival rates at the middle size (`--rate-fractions` of the measur
 above the LLM's batch limit (`--max-num-seqs`, 8, the same in every setup), so a queue stands in
 front of the LLM in DvD as in LLM-only and colocated (at a concurrency equal to the batch
 limit, DvD's LLM would run only the requests not in the vision stage while the LLM alone runs
-all of them, which understates the pipeline). A closed loop starts with all its workers' requests at once; TTFT p99 is reported over every
-request and, separately, over those after that first wave. Pipeline efficiency = DvD req/s
+all of them, which understates the pipeline). A closed loop starts with all its workers'
+requests at once; TTFT p99 is reported over every request and, separately, over those after that first wave. Pipeline efficiency = DvD req/s
 divided by min(vision-only req/s, LLM-only req/s): vision-only sends the same images straight
 to the vision server; LLM-only sends text prompts of the same token length to the same language
 server. Closed-loop runs go in rounds (`--rounds`): each round runs, per size, vision-only, DvD,
