@@ -17,9 +17,9 @@ front of the LLM in DvD as in LLM-only and colocated (at a concurrency equal to 
 limit, DvD's LLM would run only the requests not in the vision stage while the LLM alone runs
 all of them, which understates the pipeline). A closed loop starts with all its workers'
 requests at once; TTFT p99 is reported over every request and, separately, over those after
-that first wave. Pipeline efficiency = DvD req/s divided by min(vision-only req/s, LLM-only req/s): vision-only sends the same images straight
-to the vision server; LLM-only sends text prompts of the same token length to the same language
-server. Closed-loop runs go in rounds (`--rounds`): each round runs, per size, vision-only, DvD,
+that first wave. Pipeline efficiency = DvD req/s divided by min(vision-only req/s, LLM-only
+req/s): vision-only sends the same images straight to the vision server; LLM-only sends text
+prompts of the same token length to the same language server. Closed-loop runs go in rounds (`--rounds`): each round runs, per size, vision-only, DvD,
 LLM-only, (b) and (a) back to back, and the report pools the rounds. Throughputs and ratios
 are given over whole runs and in the closed loop's steady state (`load.summarize`). At the
 middle size each setup also serves a few requests one at a time, and the report gives the mean
