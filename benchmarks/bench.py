@@ -13,22 +13,23 @@ run at the middle size, where the targets are, and `--other-size-requests` at th
 fixed Poisson arrival rates at the middle size (`--rate-fractions` of the measured capacity,
 `--rate-requests` per run). The closed loop saturates every setup: its `--concurrency` (12) is
 above the LLM's batch limit (`--max-num-seqs`, 8, the same in every setup), so a queue stands in
-front of the LLM in DvD as in LLM-only and colocated (at a concurrency equal to the batch
-limit, DvD's LLM would run only the requests not in the vision stage while the LLM alone runs
-all of them, which understates the pipeline). A closed loop starts with all its workers'
-requests at once; TTFT p99 is reported over every request and, separately, over those after
-that first wave. Pipeline efficiency = DvD req/s divided by min(vision-only req/s, LLM-only
-req/s): vision-only sends the same images straight to the vision server; LLM-only sends text
-prompts of the same token length to the same language server. Closed-loop runs go in rounds (`--rounds`): each round runs, per size, vision-only, DvD,
-LLM-only, (b) and (a) back to back, and the report pools the rounds. Throughputs and ratios
-are given over whole runs and in the closed loop's steady state (`load.summarize`). At the
-middle size each setup also serves a few requests one at a time, and the report gives the mean
-server-side stage spans (vision queue and compute, transfer, LLM queue, prefill, decode) of
-every run there: where each setup's time to first token goes, with and without queueing. Every
-run also records the CPU seconds each server process spent during it (`benchmarks/server_cpu.py`):
-the report gives each stage's busy cores in DvD and its CPU seconds per request in DvD and alone,
-which split an efficiency below 1 into pipeline bubbles and stages slowed by running side by side.
-Writes JSON, Markdown and a PNG to benchmarks/results/.
+front of the LLM in DvD as in LLM-only and colocated (at a concurrency equal to the batch limit,
+DvD's LLM would run only the requests not in the vision stage while the LLM alone runs all of
+them, which understates the pipeline). A closed loop starts with all its workers' requests at
+once; TTFT p99 is reported over every request and, separately, over those after that first wave.
+Pipeline efficiency = DvD req/s divided by min(vision-only req/s, LLM-only req/s): vision-only
+sends the same images straight to the vision server; LLM-only sends text prompts of the same
+token length to the same language server. Closed-loop runs go in rounds (`--rounds`): each round
+runs, per size, vision-only, DvD, LLM-only, (b) and (a) back to back, and the report pools the
+rounds. Throughputs and ratios are given over whole runs and in the closed loop's steady state
+(`load.summarize`). At the middle size each setup also serves a few requests one at a time, and
+the report gives the mean server-side spans (vision queue and compute, transfer, LLM
+queue, prefill, decode) of every run there: where each setup's time to first token goes, with
+and without queueing. Every run also records the CPU seconds each server process spent during it
+(`benchmarks/server_cpu.py`): the report gives each stage's busy cores in DvD and its CPU
+seconds per request in DvD and alone, which split an efficiency below 1 into pipeline bubbles
+and stages slowed by running side by side. Writes JSON, Markdown and a PNG to
+benchmarks/results/.
 
 With vLLM (`--vllm`, on by default where `import vllm` works, CPU runs): at the middle size the
 same closed loop (same images, prompt, output tokens, workers, batch limit) also runs against
