@@ -20,9 +20,9 @@ from pipeline.config.fields import (
     positive,
     tls_files,
 )
-from pipeline.transport.registry import backend_names
 
 DType = Literal["float32", "bfloat16", "float16"]
+TRANSPORT_BACKENDS = ("nixl", "shm", "tcp")  # pipeline.transport.registry imports each on first use
 
 
 @dataclass(frozen=True)
@@ -233,8 +233,8 @@ class TransportConfig:
     rdma_transports: str = ""  # nixl: UCX_TLS, e.g. "rc,sm,self" or "tcp"; empty = UCX chooses
 
     def check(self) -> None:
-        if self.backend not in backend_names():
-            raise ValueError(f"backend: unknown backend {self.backend!r} (known: {backend_names()})")
+        if self.backend not in TRANSPORT_BACKENDS:
+            raise ValueError(f"backend: unknown backend {self.backend!r} (known: {list(TRANSPORT_BACKENDS)})")
         positive(self, "send_timeout_s", "high_water_mark", "payload_timeout_s", "pool_idle_s")
         if self.payload_timeout_s < self.send_timeout_s:
             raise ValueError(

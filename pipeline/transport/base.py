@@ -23,10 +23,9 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
-if TYPE_CHECKING:
-    from pipeline.config import TransportConfig
+from pipeline.config import TransportConfig
 
 DEFAULT_MAX_FRAME_BYTES = 4 << 30  # a receiver disconnects a peer that sends a larger frame
 

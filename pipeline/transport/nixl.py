@@ -27,18 +27,16 @@ import threading
 import time
 import uuid
 import weakref
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import numpy as np
 from nixl._api import nixl_agent, nixl_agent_config
 
+from pipeline.config import TransportConfig
 from pipeline.transport import base
 from pipeline.transport.base import FeatureReceiver, FeatureSender, ReceivedFrame, TransportBackend, TransportError
 from pipeline.transport.nixl_pool import RegisteredBuffer, RegisteredPool
 from pipeline.transport.tcp import TcpBackend, TcpReceiver, TcpSender
-
-if TYPE_CHECKING:
-    from pipeline.config import TransportConfig
 
 log = logging.getLogger(__name__)
 DESCRIPTOR_MAGIC = b"DVDNIXL1"

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING
 
+from pipeline.config import TransportConfig
 from pipeline.transport.base import TransportBackend, TransportError
-
-if TYPE_CHECKING:
-    from pipeline.config import TransportConfig
 
 _BACKENDS: dict[str, str] = {
     "tcp": "pipeline.transport.tcp:TcpBackend",

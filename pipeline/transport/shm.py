@@ -24,10 +24,10 @@ import threading
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from pipeline.config import TransportConfig
 from pipeline.transport.base import (
     DEFAULT_MAX_FRAME_BYTES,
     FeatureReceiver,
@@ -45,9 +45,6 @@ from pipeline.transport.shm_segments import (
     sweep_stale_segments,
 )
 from pipeline.transport.tcp import TcpBackend, TcpReceiver, TcpSender
-
-if TYPE_CHECKING:
-    from pipeline.config import TransportConfig
 
 log = logging.getLogger(__name__)
 HANDLE_MAGIC = b"DVDSHM1"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pipeline.config import TransportConfig
-from pipeline.transport import TransportError, create_backend, backend_names
+from pipeline.transport import TransportError, backend_names, create_backend
 from pipeline.wire import FeatureHeader, decode_features, decode_header, encode_features
 from tests.waiting import wait_until
 
@@ -101,3 +101,9 @@ def test_the_job_socket_limit_covers_the_largest_allowed_job():
     config = DvDConfig()
     assert max_job_bytes(config) > max(config.video.max_video_bytes, config.language.max_request_bytes)
     assert max_job_bytes(config) < 1 << 30
+
+
+def test_every_configurable_backend_is_registered() -> None:
+    from pipeline.config.sections import TRANSPORT_BACKENDS
+
+    assert sorted(TRANSPORT_BACKENDS) == backend_names()
