@@ -1,6 +1,6 @@
 """InternVL checkpoints on disk: format detection, configs, partial loading, module building.
 
-Two formats exist (see shared/specs/checkpoints.md): HF-native (`InternVLForConditionalGeneration`)
+Two formats exist (see docs/checkpoints.md): HF-native (`InternVLForConditionalGeneration`)
 and the original one (`InternVLChatModel`). Each server reads only its half: `read_part` opens
 the safetensors files and reads only the tensors of the requested part, renamed to the names
 of transformers' own modules (the name maps live in `checkpoint_names`).

@@ -1,6 +1,6 @@
 """Tensor names of InternVL checkpoints: which part a name belongs to, and renaming.
 
-Checkpoints name tensors in one of two formats (see shared/specs/checkpoints.md); the servers'
+Checkpoints name tensors in one of two formats (see docs/checkpoints.md); the servers'
 modules are transformers' own and use its names. `renamer(format, part)` maps a checkpoint's
 names (and fused tensors) to module names; `hf_to_original` goes the other way, to write
 original-format checkpoints.

@@ -2,7 +2,7 @@
 
 InternVL3.5-Flash checkpoints add the ViR router (`pooling_before_gating`, `gating`) and the
 64-token projector (`mlp2`) to the original format, and set `flash_mode` with its two
-thresholds in config.json (shared/specs/vir.md). The tensors are named and shaped here from
+thresholds in config.json (docs/vir.md). The tensors are named and shaped here from
 the spec, independently of the vision server's modules, so that tests can check one against
 the other.
 """
@@ -42,7 +42,7 @@ def write_flash(directory: Path, original_tensors: dict[str, torch.Tensor], orig
 
 
 def flash_tensor_shapes(vit_hidden: int, llm_hidden: int) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the Flash-only tensors in the original format (shared/specs/vir.md)."""
+    """Names and shapes of the Flash-only tensors in the original format (docs/vir.md)."""
     c, h = vit_hidden, llm_hidden
     shapes: dict[str, tuple[int, ...]] = {}
 
