@@ -46,10 +46,10 @@ Each vLLM engine gets the same dtype, max model length, batch limit, tokens per 
 cache (`--vllm-kv-cache-gib`, by default the whole GiB that holds the builtin engine's KV pool).
 This phase comes after every other run, with the other setups' servers stopped, and holds at
 most two vLLM engines at a time (each holds its weights, KV cache and compiled graphs in processes
-of its own): it runs in stages of two setups side by side, (dvd-vllm, vllm-b), (dvd-vllm,
+of its own): it runs in steps of two setups side by side, (dvd-vllm, vllm-b), (dvd-vllm,
 vllm-a), (dvd-vllm-vir, vllm-a), (dvd-vllm-vir, vllm-b), each `--rounds` rounds of alternating
-closed loops, swapping one server between stages (each start is followed by a warm-up). So each
-ratio's runs lie side by side in time; a setup's runs from both of its stages are pooled. A failure
+closed loops, swapping one server between steps (each start is followed by a warm-up). So each
+ratio's runs lie side by side in time; a setup's runs from both of its steps are pooled. A failure
 in this phase (a server that does not start, say) is reported, and the report keeps every other figure.
 
 On GPUs (`--device cuda:0 --dtype bfloat16 --model internvl3_5-8b`) the LLM and the colocated
