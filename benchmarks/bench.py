@@ -17,6 +17,9 @@ front of the LLM in DvD as in LLM-only and colocated (at a concurrency equal to 
 DvD's LLM would run only the requests not in the vision stage while the LLM alone runs all of
 them, which understates the pipeline). A closed loop starts with all its workers' requests at
 once; TTFT p99 is reported over every request and, separately, over those after that first wave.
+Every request carries its own image (`Workload.image`: one of four photos with a corner block
+painted in a colour no other request of the process gets), so no cache on either side (DvD's
+feature cache, vLLM's processor, encoder and prefix caches) makes a request cheaper.
 Pipeline efficiency = DvD req/s divided by min(vision-only req/s, LLM-only req/s): vision-only
 sends the same images straight to the vision server; LLM-only sends text prompts of the same
 token length to the same language server. Closed-loop runs go in rounds (`--rounds`): each round

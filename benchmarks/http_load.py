@@ -45,8 +45,8 @@ def chat_body(model: str, image: bytes, output_tokens: int, prompt: str = PROMPT
 
 
 def workload_bodies(workload: Workload, model: str) -> Callable[[int], dict[str, Any]]:
-    """Request `index` of the workload as a chat body: the image `Workload.request(index)` sends."""
-    return lambda index: chat_body(model, workload.images[index % len(workload.images)], workload.output_tokens)
+    """Request `index` of the workload as a chat body, with a unique image as `Workload.request(index)` sends."""
+    return lambda index: chat_body(model, workload.image(index), workload.output_tokens)
 
 
 def parse_sse_line(line: bytes | str) -> dict[str, Any] | str | None:

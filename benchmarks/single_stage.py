@@ -61,7 +61,7 @@ def vision_only(deployment: Deployment, workload: Workload, total: int, concurre
                 record = RequestRecord(sent=time.perf_counter())
                 result.records.append(record)
                 job = VisionJob(job_id=new_job_id(), request_id=f"v{index}", kind="image",
-                                data=workload.images[index % len(workload.images)], reply_to="",
+                                data=workload.image(index), reply_to="",
                                 max_tiles=config.images.max_tiles)
                 try:
                     features = await client.encode(job)

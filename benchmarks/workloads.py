@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import itertools
 from dataclasses import dataclass
+from functools import lru_cache
 
 from pipeline.client import image, message
 from proto.dvd.v1 import generate_pb2 as pb
@@ -22,13 +24,42 @@ class Workload:
     images: tuple[bytes, ...]
     output_tokens: int
 
+    def image(self, index: int) -> bytes:
+        """Photo `index % len(images)`, made unique: no two calls in this process return the same
+        pixels, so no cache of either server (features, processed inputs, prefixes) makes a
+        request cheaper than the first one with that photo."""
+        return stamped(self.images[index % len(self.images)], next(_SERIALS))
+
     def request(self, index: int) -> pb.GenerateRequest:
-        data = self.images[index % len(self.images)]
+        data = self.image(index)
         return pb.GenerateRequest(
             request_id=f"{self.name}-{index}",
             messages=[message("user", image(data), PROMPT)],
             sampling=pb.SamplingParameters(max_new_tokens=self.output_tokens, temperature=0.0, ignore_eos=True),
         )
+
+
+_SERIALS = itertools.count(1)
+STAMP = 16  # pixels: the side of the corner block that carries a request's serial number
+
+
+@lru_cache(maxsize=32)
+def _pixels(data: bytes):
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def stamped(data: bytes, serial: int) -> bytes:
+    """The JPEG `data` with its top-left STAMP x STAMP block painted in a colour that encodes `serial`."""
+    from PIL import Image
+
+    picture: Image.Image = _pixels(data).copy()
+    colour = (serial & 0xFF, (serial >> 8) & 0xFF, (serial >> 16) & 0xFF)
+    picture.paste(colour, (0, 0, STAMP, STAMP))
+    buffer = io.BytesIO()
+    picture.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
 
 
 def photo(name: str, side: int) -> bytes:

@@ -5,16 +5,37 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 import json
 import math
 
 import pytest
+from PIL import Image
 
 from benchmarks.http_load import DONE, apply_event, chat_body, parse_sse_line, run_chat_load, workload_bodies
 from benchmarks.load import RequestRecord, summarize
-from benchmarks.workloads import PROMPT, Workload
+from benchmarks.workloads import PROMPT, STAMP, Workload
 
 web = pytest.importorskip("aiohttp.web")
+
+
+def jpeg(colour: tuple[int, int, int], side: int = 64) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), colour).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def decoded(data: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(data)).convert("RGB")
+
+
+def same_outside_the_stamp(a: Image.Image, b: Image.Image) -> bool:
+    """Equal sizes, and pixels within JPEG noise of each other away from the stamped corner."""
+    if a.size != b.size:
+        return False
+    region = (STAMP + 8, STAMP + 8, a.width, a.height)
+    pairs = zip(a.crop(region).tobytes(), b.crop(region).tobytes())
+    return max(abs(x - y) for x, y in pairs) <= 8
 
 
 def chunk(content: str | None = None, role: str | None = None, usage: dict | None = None) -> dict:
@@ -35,13 +56,21 @@ def test_chat_body_asks_for_exactly_the_output_tokens_greedily_with_the_image_in
     assert prefix == "data:image/jpeg;base64" and base64.b64decode(encoded) == b"\xff\xd8jpeg"
 
 
-def test_workload_bodies_send_the_images_the_grpc_workload_sends() -> None:
-    workload = Workload("896px", 896, (b"a", b"b", b"c"), 16)
+def test_workload_bodies_send_a_unique_image_of_the_photo_the_grpc_workload_sends() -> None:
+    photos = tuple(jpeg(colour) for colour in ((200, 30, 30), (30, 200, 30), (30, 30, 200)))
+    workload = Workload("896px", 896, photos, 16)
     bodies = workload_bodies(workload, "bench")
+    seen = set()
     for index in range(5):
         url = bodies(index)["messages"][0]["content"][0]["image_url"]["url"]
-        assert base64.b64decode(url.split(",", 1)[1]) == workload.images[index % 3]
+        sent = decoded(base64.b64decode(url.split(",", 1)[1]))
+        assert same_outside_the_stamp(sent, decoded(photos[index % 3]))
+        seen.add(sent.tobytes())
         assert bodies(index)["max_tokens"] == 16
+    grpc_image = workload.request(0).messages[0].content[0].image.data
+    assert same_outside_the_stamp(decoded(grpc_image), decoded(photos[0]))
+    seen.add(decoded(grpc_image).tobytes())
+    assert len(seen) == 6  # no two requests carry the same pixels
 
 
 def test_sse_lines_parse_to_events() -> None:
