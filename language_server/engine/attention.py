@@ -12,54 +12,15 @@ no attention mask: causality and sequence boundaries are the backend's business.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
-
 import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from language_server.engine.kv_cache import KVCache
+from language_server.engine.attention_metadata import AttentionBackend, AttentionMetadata
+from language_server.engine.flash_backend import FlashAttentionBackend, flash_attn_available
+from language_server.engine.sdpa_backend import SdpaBackend
 
 PAGED_ATTENTION = "dvd_paged"
-
-
-class AttentionBackend(Protocol):
-    """Attention over the paged KV cache for one packed step."""
-
-    name: str
-
-    def plan(self, metadata: AttentionMetadata) -> object:
-        """Per-step work shared by all layers (index tensors, masks); stored as `metadata.plan`."""
-
-    def attend(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-        metadata: AttentionMetadata, scaling: float,
-    ) -> torch.Tensor:
-        """[T, heads, head_dim] queries (and this step's keys and values, already in the cache)
-        -> [T, heads, head_dim] outputs."""
-
-
-@dataclass
-class AttentionMetadata:
-    """What attention needs to know about one packed step; built once, read by every layer.
-
-    Sequence i owns query rows `query_start[i] : query_start[i + 1]` of the packed batch; its
-    queries are the last `query_lens[i]` of its `context_lens[i]` tokens, whose cache slots in
-    order are `context_slots[i]`.
-    """
-
-    kv_cache: KVCache
-    backend: AttentionBackend
-    slot_mapping: torch.Tensor  # [T] cache slot of each new token
-    query_start: list[int]  # cumulative query lengths, one more entry than sequences
-    context_lens: list[int]
-    context_slots: list[torch.Tensor]
-    plan: object = None
-
-    @property
-    def query_lens(self) -> list[int]:
-        return [b - a for a, b in zip(self.query_start, self.query_start[1:])]
 
 
 def paged_attention(
@@ -104,9 +65,6 @@ def use_paged_attention(causal_lm: nn.Module) -> None:
 
 def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
     """`sdpa`, `flash_attn`, or for `auto` flash-attn where it can run (importable, CUDA, 16-bit) else SDPA."""
-    from language_server.engine.flash_backend import FlashAttentionBackend, flash_attn_available
-    from language_server.engine.sdpa_backend import SdpaBackend
-
     if name == "sdpa":
         return SdpaBackend()
     flash_fits = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)

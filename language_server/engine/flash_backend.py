@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from language_server.engine.attention import AttentionMetadata
+from language_server.engine.attention_metadata import AttentionMetadata
 
 
 def flash_attn_available() -> bool:

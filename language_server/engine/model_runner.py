@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from language_server.engine import cpu_linear
-from language_server.engine.attention import AttentionBackend, AttentionMetadata
+from language_server.engine.attention_metadata import AttentionBackend, AttentionMetadata
 from language_server.engine.kv_cache import KVCache
 from language_server.engine.scheduler import ScheduledChunk
 from language_server.model import LanguageModel

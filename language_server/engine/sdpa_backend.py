@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
-if TYPE_CHECKING:
-    from language_server.engine.attention import AttentionMetadata
+from language_server.engine.attention_metadata import AttentionMetadata
 
 
 @dataclass

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from language_server.engine.attention import AttentionMetadata
+from language_server.engine.attention_metadata import AttentionMetadata
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.flash_backend import FlashAttentionBackend
 from language_server.engine.kv_cache import KVCache, KVCacheSpec, plan_num_blocks
