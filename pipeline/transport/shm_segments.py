@@ -10,7 +10,8 @@ so a later process can tell a stale segment of a dead process from a live one. I
     offset 16  u64       generation: bumped by the sender for every payload
 
 The payload follows at offset 64. Only the receiver turns a sent segment back to free;
-only the sender bumps the generation and turns free to sent.
+only the sender bumps the generation and turns free to sent. A payload travels to the
+receiver as a handle, `DVDSHM1 <name> <generation> <nbytes>`.
 """
 
 from __future__ import annotations
@@ -27,7 +28,20 @@ NAME_RE = re.compile(r"dvd-shm-(\d+)-(\d+)-(\d+)")
 MAGIC = b"DVDSHM01"
 CONTROL_BYTES = 64
 FREE, SENT = 0, 1
+HANDLE_MAGIC = b"DVDSHM1"
 _U64 = struct.Struct("<Q")
+
+
+def encode_handle(name: str, generation: int, nbytes: int) -> bytes:
+    return b"%s %s %d %d" % (HANDLE_MAGIC, name.encode(), generation, nbytes)
+
+
+def parse_handle(data: bytes) -> tuple[str, int, int]:
+    """(segment name, generation, payload bytes); ValueError if `data` is not a handle."""
+    parts = data.split(b" ")
+    if len(parts) != 4 or parts[0] != HANDLE_MAGIC:
+        raise ValueError(f"not a shared-memory handle: {data[:64]!r}")
+    return parts[1].decode("ascii"), int(parts[2]), int(parts[3])
 
 
 def process_start_ticks(pid: int) -> int | None:

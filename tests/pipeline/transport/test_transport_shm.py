@@ -13,8 +13,7 @@ import torch
 
 from pipeline.config import TransportConfig
 from pipeline.transport import TransportError
-from pipeline.transport.shm import encode_handle
-from pipeline.transport.shm_segments import SHM_DIR, sweep_stale_segments
+from pipeline.transport.shm_segments import SHM_DIR, encode_handle, sweep_stale_segments
 from pipeline.transport.tcp import TcpBackend
 from tests.pipeline.transport.helpers import Pairs, our_segments, receive, send_features
 from tests.waiting import wait_until
