@@ -39,7 +39,8 @@ from language_server.engine.sequence import EngineOutput, EngineRequest
 from language_server.model import LanguageModel
 from pipeline.model.checkpoint import open_model
 from pipeline.config import LanguageConfig
-from pipeline.model.tiny_model import IMG_END_ID, IMG_START_ID, tiny_model_dir
+from pipeline.model.tiny_model import tiny_model_dir
+from pipeline.model.tiny_processors import IMG_END_ID, IMG_START_ID
 
 SMALL_LLM = dict(
     vocab_size=32768, hidden_size=1024, intermediate_size=2816, num_hidden_layers=6,

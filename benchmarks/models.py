@@ -7,7 +7,8 @@ from pathlib import Path
 
 import torch
 
-from pipeline.model.tiny_model import TEXT_CONFIG, VISION_CONFIG, random_model_dir, tiny_model_dir
+from pipeline.model.tiny_model import random_model_dir, tiny_model_dir
+from pipeline.model.tiny_weights import TEXT_CONFIG, VISION_CONFIG
 
 # "small": sized so that, on a CPU core, encoding a ~5-tile image costs a little less than what
 # the LLM spends on that request's prefill and its share of decoding. The paper's 1.87x for (a)
@@ -21,7 +22,7 @@ SMALL_VISION = {**VISION_CONFIG, "hidden_size": 192, "intermediate_size": 768, "
                 "num_attention_heads": 4}
 SMALL_TEXT = {**TEXT_CONFIG, "hidden_size": 384, "intermediate_size": 1152, "num_hidden_layers": 4,
               "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64}
-SMALL_VERSION = 6  # 5: unlabelled images in the chat template (pipeline/model/tiny_model.py); 6: ViT 4 layers
+SMALL_VERSION = 6  # 5: unlabelled images in the chat template (pipeline/model/tiny_processors.py); 6: ViT 4 layers
 
 # "internvl3_5-8b": the shapes of InternVL3.5-8B (InternViT-300M + Qwen3-8B), random weights in
 # bfloat16, for GPU runs. About 17 GB on disk; generating it takes about as much RAM.

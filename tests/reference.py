@@ -18,7 +18,7 @@ class Reference:
     def __init__(self, model_dir: Path, dtype: torch.dtype, device: str = "cpu") -> None:
         from transformers import AutoTokenizer, InternVLForConditionalGeneration
 
-        from pipeline.model.tiny_model import build_image_processor
+        from pipeline.model.tiny_processors import build_image_processor
 
         self.model = InternVLForConditionalGeneration.from_pretrained(model_dir, dtype=dtype).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)

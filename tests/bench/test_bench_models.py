@@ -9,7 +9,7 @@ from transformers import InternVLForConditionalGeneration
 from benchmarks.bench import BASE_CONFIG, Setup
 from benchmarks.models import QWEN3_8B, VIT_300M
 from pipeline.config import load_config
-from pipeline.model.tiny_model import build_model, internvl_config
+from pipeline.model.tiny_weights import build_model, internvl_config
 
 
 def _parameters(module: torch.nn.Module) -> int:

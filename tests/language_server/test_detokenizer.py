@@ -7,7 +7,7 @@ import random
 import pytest
 
 from language_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from pipeline.model.tiny_model import FIRST_SPECIAL_ID, IMG_CONTEXT_ID, IMG_END_ID, IMG_START_ID, build_tokenizer
+from pipeline.model.tiny_processors import FIRST_SPECIAL_ID, IMG_CONTEXT_ID, IMG_END_ID, IMG_START_ID, build_tokenizer
 
 IM_START, IM_END, END_OF_TEXT = 151644, 151645, 151643
 

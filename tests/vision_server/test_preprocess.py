@@ -16,7 +16,7 @@ from transformers.image_transforms import convert_to_rgb
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optimal_tiled_canvas
 
 from pipeline.config import ImageLimits
-from pipeline.model.tiny_model import build_image_processor
+from pipeline.model.tiny_processors import build_image_processor
 from vision_server.preprocess import (
     ImageError,
     TilingParams,

@@ -116,7 +116,7 @@ def test_multi_tile_frames_get_a_thumbnail_like_internvl_load_video():
     from language_server.request import ChatMessage, GenerationRequest, TextPart, VideoPart, _tiles
     from language_server.engine.sampling import SamplingParams
     from language_server.vision_client import estimate_tiles
-    from pipeline.model.tiny_model import build_image_processor
+    from pipeline.model.tiny_processors import build_image_processor
     from tests.vision_server.conftest import vision_config
     from vision_server.jobs import load_pixels
 

@@ -36,7 +36,7 @@ def solo(worker) -> dict[str, torch.Tensor]:
 def test_features_equal_transformers_get_image_features(solo, tiny_dirs):
     from transformers import InternVLForConditionalGeneration
 
-    from pipeline.model.tiny_model import build_image_processor
+    from pipeline.model.tiny_processors import build_image_processor
 
     model = InternVLForConditionalGeneration.from_pretrained(tiny_dirs["hf"], dtype=torch.float32).eval()
     processor = build_image_processor()
