@@ -23,7 +23,7 @@ from pipeline.config import TransportConfig
 from pipeline.transport import FeatureSender, PeerTimeout, TransportError, create_backend
 from pipeline.wire import JobStatus, encode_features, error_header
 from vision_server import metrics
-from vision_server.worker import JobResult
+from vision_server.answers import JobResult
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
@@ -58,7 +58,8 @@ class _Lane:
             if full:
                 log.warning("answered RESOURCE_EXHAUSTED: %d answers to %s are waiting to be sent",
                             self._max_features, result.job.reply_to, extra={"job_id": result.job.job_id})
-                result = _busy(result, f"{self._max_features} answers to {result.job.reply_to} are waiting to be sent")
+                message = f"{self._max_features} answers to {result.job.reply_to} are waiting to be sent"
+                result = JobResult.error(result.job, JobStatus.RESOURCE_EXHAUSTED, message, result.header.server_id)
         try:
             self.items.put_nowait((result, done))
         except queue.Full:
@@ -202,12 +203,6 @@ def deliver(sender: FeatureSender, result: JobResult) -> bool:
     metrics.SEND_MS.observe((time.perf_counter() - started) * 1000)
     metrics.BYTES_SENT.inc(len(payload))
     return True
-
-
-def _busy(result: JobResult, message: str) -> JobResult:
-    job = result.job
-    header = error_header(job.job_id, job.request_id, JobStatus.RESOURCE_EXHAUSTED, message, result.header.server_id)
-    return JobResult(job, header, None)
 
 
 def _deliver_error(sender: FeatureSender, result: JobResult, message: str) -> bool:

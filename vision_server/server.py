@@ -26,13 +26,14 @@ import grpc
 from pipeline.wire.channels import PullChannel
 from pipeline.config import DvDConfig
 from pipeline.runtime.grpc_server import SERVING, AdminService, add_health_and_reflection, parameter_bytes, server_info
-from pipeline.wire import JobStatus, VisionJob, WireError, error_header
+from pipeline.wire import JobStatus, VisionJob, WireError
 from proto.dvd.v1 import admin_pb2_grpc
 from vision_server import metrics
 from vision_server.batcher import TileBatcher
 from vision_server.jobs import JobError, PreparedJob, max_job_bytes
+from vision_server.answers import JobResult
 from vision_server.outbox import Outbox
-from vision_server.worker import JobResult, VisionWorker
+from vision_server.worker import VisionWorker
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
@@ -112,11 +113,8 @@ class VisionServer:
                 metrics.QUEUE_DEPTH.set(self._admitted)
         if not admitted:
             metrics.JOBS.labels("resource_exhausted").inc()
-            header = error_header(
-                job.job_id, job.request_id, JobStatus.RESOURCE_EXHAUSTED,
-                f"{limit} jobs are already queued on {self.server_id}", self.server_id,
-            )
-            self.outbox.put(JobResult(job, header, None))
+            message = f"{limit} jobs are already queued on {self.server_id}"
+            self.outbox.put(JobResult.error(job, JobStatus.RESOURCE_EXHAUSTED, message, self.server_id))
             return
         try:
             self.worker.pool.submit(self._prepare, job, arrived)

@@ -19,7 +19,7 @@ from tests.waiting import wait_until
 from vision_server.batcher import TileBatcher
 from vision_server.outbox import Outbox
 from vision_server.server import VisionServer
-from vision_server.worker import JobResult
+from vision_server.answers import JobResult
 
 TIMEOUT_S = 10.0
 GONE = "tcp://127.0.0.1:9"  # nothing listens there: a language server that has gone away

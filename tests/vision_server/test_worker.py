@@ -90,6 +90,35 @@ def test_jobs_spanning_encoder_chunks_are_answered_chunk_by_chunk(solo):
         assert torch.equal(torch.cat([p.rows for p in mine]), solo[name])
 
 
+def test_an_encoder_failure_fails_its_job_and_jobs_that_already_sent_parts(solo):
+    """A batch whose encoder run fails is run again job by job: only the faulty job fails, and any
+    job that had already sent parts of its answer (its answer cannot start over)."""
+    small = VisionWorker(vision_config(**{"vision.max_batch_tiles": 3}))
+    names = ("coffee", "astronaut", "chelsea")  # 7, 1 and 7 tiles: coffee's first 6 leave before astronaut's chunk
+    parts = []
+    try:
+        prepared = [small.prepare(job(n, photo_bytes(n))) for n in names]
+        faulty = prepared[1].pixels[0].clone()
+        vit_grid = small.encoder.vit_grid
+
+        def failing(chunk: torch.Tensor) -> torch.Tensor:
+            if any(torch.equal(tile, faulty) for tile in chunk):
+                raise RuntimeError("the encoder fails on this input")
+            return vit_grid(chunk)
+
+        small.encoder.vit_grid = failing
+        streamed = small.run_batch(prepared, on_part=parts.append)
+        whole = small.run_batch([small.prepare(job(n, photo_bytes(n))) for n in names])
+    finally:
+        small.close()
+    assert [r.header.status for r in whole] == [JobStatus.OK, JobStatus.INTERNAL, JobStatus.OK]
+    assert torch.equal(whole[0].rows, solo["coffee"]) and torch.equal(whole[2].rows, solo["chelsea"])
+    assert [r.header.status for r in streamed] == [JobStatus.INTERNAL, JobStatus.INTERNAL, JobStatus.OK]
+    assert {r.header.error_message for r in streamed[:2]} == {"the vision encoder failed on this input"}
+    chelsea = [p.rows for p in parts if p.job.job_id == "chelsea"] + [streamed[2].rows]
+    assert torch.equal(torch.cat(chelsea), solo["chelsea"])
+
+
 def test_a_bad_job_fails_alone_inside_a_batch(worker, solo):
     jobs = [
         job("good-1", photo_bytes("coffee")),
