@@ -18,18 +18,23 @@ from vision_server.jobs import PreparedJob
 def pack_batches(jobs: Sequence[PreparedJob], max_batch_tiles: int) -> list[list[PreparedJob]]:
     """Split jobs, in order, into consecutive batches of at most max_batch_tiles tiles each
     (a single job larger than the limit is a batch by itself)."""
-    batches: list[list[PreparedJob]] = []
-    current: list[PreparedJob] = []
-    tiles = 0
-    for job in jobs:
-        if current and tiles + job.tiles > max_batch_tiles:
-            batches.append(current)
-            current, tiles = [], 0
-        current.append(job)
-        tiles += job.tiles
-    if current:
-        batches.append(current)
+    queue = deque(jobs)
+    batches = []
+    while queue:
+        batches.append(take_batch(queue, max_batch_tiles))
     return batches
+
+
+def take_batch(queue: deque[PreparedJob], max_batch_tiles: int) -> list[PreparedJob]:
+    """Remove and return the first job of a non-empty queue and the jobs after it that still fit
+    within max_batch_tiles tiles."""
+    batch = [queue.popleft()]
+    tiles = batch[0].tiles
+    while queue and tiles + queue[0].tiles <= max_batch_tiles:
+        job = queue.popleft()
+        batch.append(job)
+        tiles += job.tiles
+    return batch
 
 
 class TileBatcher:
@@ -78,11 +83,6 @@ class TileBatcher:
                 if remaining <= 0:
                     break
                 self._ready.wait(remaining)
-            batch = [self._jobs.popleft()]
-            tiles = batch[0].tiles
-            while self._jobs and tiles + self._jobs[0].tiles <= self.max_batch_tiles:
-                job = self._jobs.popleft()
-                batch.append(job)
-                tiles += job.tiles
-            self._tiles -= tiles
+            batch = take_batch(self._jobs, self.max_batch_tiles)
+            self._tiles -= sum(job.tiles for job in batch)
             return batch

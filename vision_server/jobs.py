@@ -8,9 +8,11 @@ data (a FeatureHeader status and message), never an exception that escapes the s
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 
 import torch
+from PIL import Image
 
 from pipeline.config import DvDConfig
 from pipeline.wire import JobStatus, VisionJob
@@ -125,14 +127,8 @@ def _image_pixels(
         raise JobError(JobStatus.INVALID_INPUT, f"{len(items)} images exceed the limit of {budget} tiles per request")
     tilings = [replace(tiling, max_tiles=max_tiles) for _, max_tiles in items]
     _check_budget(sum(_tile_count(image_size(data, config.images), t) for (data, _), t in zip(items, tilings)), budget)
-    tiles, counts = [], []
-    for (data, _), picture_tiling in zip(items, tilings):
-        picture = decode_image(data, config.images)
-        _check_budget(len(tiles) + _tile_count(picture.size, picture_tiling), budget)
-        cut = tile_image(picture, picture_tiling)
-        del picture
-        tiles += cut
-        counts.append(len(cut))
+    pictures = ((decode_image(data, config.images), t) for (data, _), t in zip(items, tilings))
+    tiles, counts = _tile_pictures(pictures, budget)
     return to_pixel_values(tiles, tile_size), tuple(counts) if len(counts) > 1 else ()
 
 
@@ -143,15 +139,27 @@ def _video_pixels(
     if job.num_segments > budget:  # every frame is at least one tile
         raise JobError(JobStatus.INVALID_INPUT, f"{job.num_segments} frames exceed the limit of {budget} tiles per request")
     sampling = VideoSampling(job.num_segments, job.start_s, job.end_s)
+    frames = ((frame, tiling) for frame in iter_video_frames(job.data, sampling, config.video, config.images))
+    tiles, counts = _tile_pictures(frames, budget, video_frames=job.num_segments)
+    return to_pixel_values(tiles, tile_size), tuple(counts)
+
+
+def _tile_pictures(
+    pictures: Iterator[tuple[Image.Image, TilingParams]], budget: int, video_frames: int = 0
+) -> tuple[list[Image.Image], list[int]]:
+    """The tiles of pictures decoded one at a time, and each picture's tile count. Before a picture
+    is tiled, its tiles are checked to keep the request within `budget`; for a video of
+    `video_frames` frames, those of all frames are checked from the first."""
     tiles, counts = [], []
-    for frame in iter_video_frames(job.data, sampling, config.video, config.images):
-        if not counts:  # every frame has the first one's size
-            _check_budget(job.num_segments * _tile_count(frame.size, tiling), budget)
-        _check_budget(len(tiles) + _tile_count(frame.size, tiling), budget)
-        cut = tile_image(frame, tiling)
+    for picture, tiling in pictures:
+        if video_frames and not counts:  # every frame has the first one's size
+            _check_budget(video_frames * _tile_count(picture.size, tiling), budget)
+        _check_budget(len(tiles) + _tile_count(picture.size, tiling), budget)
+        cut = tile_image(picture, tiling)
+        del picture
         tiles += cut
         counts.append(len(cut))
-    return to_pixel_values(tiles, tile_size), tuple(counts)
+    return tiles, counts
 
 
 def _tile_count(size: tuple[int, int], tiling: TilingParams) -> int:

@@ -132,12 +132,6 @@ def to_pixel_values(tiles: list[Image.Image], tile_size: int = 448) -> torch.Ten
     return torch.from_numpy(out)
 
 
-def preprocess_image(data: bytes, params: TilingParams, limits: ImageLimits) -> torch.Tensor:
-    """Encoded image bytes -> pixel values [T, 3, tile_size, tile_size] for the vision encoder."""
-    image = decode_image(data, limits)
-    return to_pixel_values(tile_image(image, params), params.tile_size)
-
-
 def _normalisation_table() -> np.ndarray:
     """[3, 256] float32: the normalised value of every 8-bit level per channel.
 

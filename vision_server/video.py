@@ -71,13 +71,6 @@ class VideoReader:
         return Image.fromarray(pixels).convert("RGB")
 
 
-def decode_video_frames(
-    data: bytes, sampling: VideoSampling, video_limits: VideoLimits, image_limits: ImageLimits
-) -> list[Image.Image]:
-    """Decode the sampled frames of a video, enforcing the configured limits (ImageError says why)."""
-    return list(iter_video_frames(data, sampling, video_limits, image_limits))
-
-
 def iter_video_frames(
     data: bytes, sampling: VideoSampling, video_limits: VideoLimits, image_limits: ImageLimits
 ) -> Iterator[Image.Image]:

@@ -1,5 +1,5 @@
 """Test helpers for the vision side: a job client that talks to a real vision server, an MP4 writer,
-and a stand-alone vision server process."""
+a stand-alone vision server process, and image and video decoding as the vision server does it."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 
+from pipeline.config import ImageLimits, TransportConfig, VideoLimits
 from pipeline.wire.channels import PushChannel
-from pipeline.config import TransportConfig
 from pipeline.entrypoints.launch import LaunchError, ServerProcess
 from pipeline.transport import create_backend
 from pipeline.wire import FeatureHeader, VisionJob, decode_features, decode_header
 from tests.conftest import TINY_CONFIG, free_ports
+from vision_server.preprocess import TilingParams, decode_image, tile_image, to_pixel_values
+from vision_server.video import VideoSampling, iter_video_frames
 
 
 class JobClient:
@@ -121,3 +124,15 @@ def pyav_frames(data: bytes) -> list[np.ndarray]:
 
     with av.open(io.BytesIO(data)) as container:
         return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def preprocess_image(data: bytes, params: TilingParams, limits: ImageLimits) -> torch.Tensor:
+    """Encoded image bytes -> pixel values [T, 3, tile_size, tile_size], as the vision server makes them."""
+    return to_pixel_values(tile_image(decode_image(data, limits), params), params.tile_size)
+
+
+def decode_video_frames(
+    data: bytes, sampling: VideoSampling, video_limits: VideoLimits, image_limits: ImageLimits
+) -> list[Image.Image]:
+    """The sampled frames of a video, decoded under the given limits (ImageError says why not)."""
+    return list(iter_video_frames(data, sampling, video_limits, image_limits))

@@ -17,12 +17,12 @@ from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import get_optim
 
 from pipeline.config import ImageLimits
 from pipeline.model.tiny_processors import build_image_processor
+from tests.vision_server.helpers import preprocess_image
 from vision_server.preprocess import (
     ImageError,
     TilingParams,
     decode_image,
     find_grid,
-    preprocess_image,
     tile_image,
     to_pixel_values,
 )

@@ -11,9 +11,9 @@ from PIL import Image
 
 from pipeline.config import ImageLimits, VideoLimits
 from pipeline.wire import JobStatus, VisionJob
-from tests.vision_server.helpers import moving_frames, mp4_bytes, pyav_frames
+from tests.vision_server.helpers import decode_video_frames, moving_frames, mp4_bytes, pyav_frames
 from vision_server.preprocess import ImageError
-from vision_server.video import VideoSampling, decode_video_frames, sample_frame_indices
+from vision_server.video import VideoSampling, sample_frame_indices
 
 FPS = 24
 
