@@ -57,15 +57,6 @@ class PreparedJob:
         return self.error is None and self.cached is None and self.pixels is not None
 
 
-def tiling_of(job: VisionJob, tile_size: int = 448) -> TilingParams:
-    try:
-        return TilingParams(
-            min_tiles=job.min_tiles, max_tiles=job.max_tiles, use_thumbnail=job.use_thumbnail, tile_size=tile_size
-        )
-    except ImageError as exc:
-        raise JobError(JobStatus.INVALID_INPUT, str(exc)) from None
-
-
 def check_parameters(job: VisionJob, config: DvDConfig) -> None:
     """Reject parameters outside the configured limits before any decoding."""
     images, video = config.images, config.video
@@ -109,8 +100,8 @@ def load_pixels(job: VisionJob, config: DvDConfig, tile_size: int = 448) -> tupl
     The tile budget is checked before any picture is decoded (from image headers; for a video,
     from its first frame), and pictures are decoded and tiled one at a time."""
     check_parameters(job, config)
-    tiling = tiling_of(job, tile_size)
     try:
+        tiling = TilingParams(job.min_tiles, job.max_tiles, job.use_thumbnail, tile_size)
         if job.kind == "image":
             return _image_pixels(job, config, tiling, tile_size)
         return _video_pixels(job, config, tiling, tile_size)

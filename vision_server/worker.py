@@ -169,10 +169,12 @@ class VisionWorker:
     def _run(self, ready: list[PreparedJob], on_part: PartSink | None = None) -> list[JobResult]:
         batch_start = time.time()
         stream: PartStream | None = None
-        if on_part is not None and not self.batches.routes(ready):
-            stream = PartStream(ready, self.batches.planned_tile_tokens(ready), on_part, lambda prep, tokens, rows, offset: (
-                self._answer(prep, tokens, rows, batch_start, (time.time() - batch_start) * 1000, row_offset=offset)
-            ))
+        if on_part is not None and not self.batches.routes(ready):  # token counts known: answer chunk by chunk
+
+            def part(prep: PreparedJob, tokens: tuple[int, ...], rows: torch.Tensor, offset: int) -> JobResult:
+                return self._answer(prep, tokens, rows, batch_start, (time.time() - batch_start) * 1000, row_offset=offset)
+
+            stream = PartStream(ready, self.batches.planned_tile_tokens(ready), on_part, part)
         tile_rows = self.batches.tile_rows(ready, stream.send if stream is not None else None)
         elapsed_ms = (time.time() - batch_start) * 1000
         metrics.TILES.inc(len(tile_rows))
