@@ -101,7 +101,7 @@ def run_generate(model: LanguageModel, requests: list[Request]) -> tuple[float, 
     start = time.perf_counter()
     for request in requests:
         ids = torch.tensor(request.prompt_ids)
-        embeds = model.embed(ids, request.image_rows).unsqueeze(0)
+        embeds = _embeds(model, ids, request.image_rows).unsqueeze(0)
         out = model.causal_lm.generate(
             inputs_embeds=embeds, attention_mask=torch.ones(1, len(ids), dtype=torch.long),
             max_new_tokens=request.max_new_tokens, min_new_tokens=request.max_new_tokens,
@@ -109,6 +109,14 @@ def run_generate(model: LanguageModel, requests: list[Request]) -> tuple[float, 
         )
         outputs.append(out[0].tolist())
     return time.perf_counter() - start, outputs
+
+
+def _embeds(model: LanguageModel, ids: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """Token embeddings with the image rows in the <IMG_CONTEXT> positions: what the engine feeds the model."""
+    embeds = model.causal_lm.get_input_embeddings()(ids.to(model.device))
+    if rows is not None:
+        embeds[ids.to(model.device) == model.image_token_id] = rows.to(model.device, embeds.dtype)
+    return embeds
 
 
 def run_engine(engine: Engine, requests: list[Request], concurrency: int) -> tuple[float, list[list[int]], int]:

@@ -14,7 +14,8 @@ from benchmarks import server_cpu
 from benchmarks.load import LoadResult, RequestRecord
 from benchmarks.report import Progress
 from benchmarks.workloads import PROMPT, Workload
-from language_server.vision_client import VisionClient, new_job_id
+from language_server.media_layout import new_job_id
+from language_server.vision_client import VisionClient
 from pipeline.client import DvDClient, message
 from pipeline.errors import DvDError
 from pipeline.entrypoints.launch import Deployment
@@ -48,8 +49,7 @@ def vision_only(deployment: Deployment, workload: Workload, total: int, concurre
     receiver_port = config.language.feature_port + 10
 
     async def run() -> LoadResult:
-        client = VisionClient(replace(config, language=replace(config.language, feature_port=receiver_port)), 0)
-        client.hidden_size = None
+        client = VisionClient(replace(config, language=replace(config.language, feature_port=receiver_port)), None)
         result = LoadResult(first_wave=concurrency)
         counter = iter(range(total))
         progress = Progress(total, label)
@@ -64,11 +64,11 @@ def vision_only(deployment: Deployment, workload: Workload, total: int, concurre
                                 data=workload.image(index), reply_to="",
                                 max_tiles=config.images.max_tiles)
                 try:
-                    features = await client.encode(job)
+                    async for part in client.encode_parts(job):
+                        part.release()
                 except DvDError as exc:  # counted like a failed request of the other setups
                     record.error = f"{type(exc).__name__}: {exc}"
                 else:
-                    features.release()
                     record.first_token = record.done = time.perf_counter()
                 done += 1
                 progress(done)

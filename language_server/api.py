@@ -13,7 +13,8 @@ from language_server import metrics
 from language_server.engine.async_engine import AsyncEngine
 from language_server.engine.sampling import SampleOutput
 from language_server.engine.sequence import EngineOutput
-from language_server.media import MediaStage, MediaTrace
+from language_server.media_preparer import MediaPreparer
+from language_server.media_trace import MediaTrace
 from language_server.request import GenerationRequest
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
@@ -34,7 +35,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         config: DvDConfig,
         checkpoint: Checkpoint,
         engine: AsyncEngine,
-        media: MediaStage,
+        media: MediaPreparer,
         pipeline: Pipeline,
         stop_token_ids: tuple[int, ...],
     ) -> None:
@@ -51,11 +52,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
                 yield event
 
     async def GenerateUnary(self, request: pb.GenerateRequest, context) -> pb.GenerateResult:
-        async with aclosing(self._generate(request)) as events:
-            async for event in events:
-                if event.HasField("result"):
-                    return event.result
-        raise InternalError("generation ended without a result")
+        return await self.generate_result(request)
 
     @property
     def model_name(self) -> str:
@@ -65,6 +62,14 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
     def generate_events(self, request: pb.GenerateRequest) -> AsyncIterator[pb.GenerateResponse]:
         """The events of one request, as Generate streams them (the HTTP API's way in); DvDError ends it."""
         return self._generate(request)
+
+    async def generate_result(self, request: pb.GenerateRequest) -> pb.GenerateResult:
+        """The result of one request, as GenerateUnary answers it (the HTTP API's way in too)."""
+        async with aclosing(self._generate(request)) as events:
+            async for event in events:
+                if event.HasField("result"):
+                    return event.result
+        raise InternalError("generation ended without a result")
 
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         lc = self.config.language

@@ -103,11 +103,10 @@ def create_app(service: GenerationService, tokenizer: Any) -> FastAPI:
         generate = await to_generate_request(chat, urls, tiles_low=config.images.min_tiles)
         top = (chat.top_logprobs or 0) if chat.logprobs else None
         responses = ResponseBuilder(generate.request_id, service.model_name, tokenizer, top)
-        events = service.generate_events(generate)
         if chat.stream:
             include_usage = chat.stream_options is not None and chat.stream_options.include_usage
-            return await _stream(events, responses, include_usage)
-        result = await _until_disconnected(request, _final(events))
+            return await _stream(service.generate_events(generate), responses, include_usage)
+        result = await _until_disconnected(request, service.generate_result(generate))
         if result is None:
             return Response(status_code=499)  # nobody is listening
         return JSONResponse(responses.completion(result))
@@ -119,14 +118,6 @@ def create_app(service: GenerationService, tokenizer: Any) -> FastAPI:
 async def _read_body(request: Request, limit: int) -> bytes:
     too_large = f"the request body is over the limit of {limit} bytes (language.max_request_bytes)"
     return await read_bounded(request.stream(), request.headers.get("content-length", ""), limit, too_large)
-
-
-async def _final(events: AsyncIterator[Any]) -> Any:
-    async with aclosing(events):
-        async for event in events:
-            if event.HasField("result"):
-                return event.result
-    raise DvDError("generation ended without a result")
 
 
 async def _until_disconnected(request: Request, work: Any) -> Any:

@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
-from language_server.request import check_media_size, media_size_limit
+from language_server.limits import check_media_size, media_size_limit
 from pipeline.config import DvDConfig
 from pipeline.errors import InvalidRequest, PayloadTooLarge
 

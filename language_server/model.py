@@ -33,18 +33,6 @@ class LanguageModel(nn.Module):
     def hidden_size(self) -> int:
         return self.causal_lm.config.hidden_size
 
-    def embed(self, input_ids: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
-        """Token embeddings with image feature rows written into the <IMG_CONTEXT> positions, in order."""
-        embeds = self.causal_lm.get_input_embeddings()(input_ids.to(self.device))
-        mask = input_ids.to(self.device) == self.image_token_id
-        count = int(mask.sum())
-        rows = 0 if image_rows is None else image_rows.shape[0]
-        if count != rows:
-            raise ValueError(f"{count} image placeholder tokens but {rows} feature rows")
-        if rows:
-            embeds[mask] = image_rows.to(self.device, embeds.dtype)
-        return embeds
-
     @classmethod
     def from_checkpoint(
         cls, checkpoint: Checkpoint, device: str | torch.device, dtype: torch.dtype

@@ -1,7 +1,8 @@
 """OpenAI chat-completion request bodies, and their translation into a dvd.v1 GenerateRequest.
 
 The translation only moves fields: every limit and value check is the gRPC API's own
-(language_server/request.py), applied when GenerationService runs the translated request.
+(language_server/request.py, language_server/limits.py), applied when GenerationService runs the
+translated request; only the media count is checked early too, before any URL is loaded.
 Fields the server cannot honour are refused by name, never ignored.
 """
 
@@ -14,7 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from language_server.media_urls import MediaUrls
-from language_server.request import check_media_count
+from language_server.limits import check_media_count
 from pipeline.client import ROLES
 from pipeline.errors import InvalidRequest
 from proto.dvd.v1 import generate_pb2 as pb

@@ -1,7 +1,7 @@
 """OpenAI chat-completion responses and stream chunks built from dvd.v1 results and deltas.
 
 Extensions beside OpenAI's fields: `token_ids` on every choice (the generated ids, as vLLM's
-`return_token_ids` gives them), `timings` (per-stage milliseconds) on the response and on the
+`return_token_ids` gives them), `timings` (per-span milliseconds) on the response and on the
 stream's finishing chunk, and `image_tokens` / `image_tiles` in `usage`.
 """
 

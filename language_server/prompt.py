@@ -27,7 +27,8 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from language_server.request import ChatMessage, ImagePart, TextPart, VideoPart
+from language_server.limits import check_prompt_length, check_text_length
+from language_server.request import ChatMessage, GenerationRequest, ImagePart, TextPart, VideoPart, media_parts
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ class PromptBuilder:
     def build(self, messages: tuple[ChatMessage, ...], layouts: list[MediaLayout]) -> Prompt:
         """Token ids of the conversation followed by the assistant's turn opener (each video
         with as many frames as its layout has)."""
-        media = [p for m in messages for p in m.parts if not isinstance(p, TextPart)]
+        media = media_parts(messages)
         if len(layouts) != len(media):
             raise ValueError(f"{len(layouts)} media layouts for a prompt with {len(media)} images and videos")
         frames = [len(layout.frame_tiles) for part, layout in zip(media, layouts) if isinstance(part, VideoPart)]
@@ -166,6 +167,24 @@ class PromptSkeleton:
             token_ids.append(end)
             token_ids += run
         return Prompt(token_ids=token_ids, image_tokens=sum(layout.rows for layout in layouts))
+
+
+def prepare_prompt(prompts: PromptBuilder, req: GenerationRequest, max_model_len: int) -> PromptSkeleton:
+    """The request's text tokenized once, its images and videos left open (`fill_prompt` adds
+    them). Before any vision work: InvalidRequest when the prompt leaves no room for one new token
+    even with every image and frame empty. Tokenizing long text takes a while: call it off the
+    event loop."""
+    check_text_length(prompts, req, max_model_len)
+    skeleton = prompts.skeleton(req.messages)
+    check_prompt_length(skeleton.min_tokens, max_model_len, before_media=bool(req.media))
+    return skeleton
+
+
+def fill_prompt(skeleton: PromptSkeleton, layouts: list[MediaLayout], max_model_len: int) -> Prompt:
+    """The prompt with the vision answer's rows; InvalidRequest when it does not leave room for one new token."""
+    prompt = skeleton.fill(layouts)
+    check_prompt_length(len(prompt.token_ids), max_model_len)
+    return prompt
 
 
 def frame_rows(layout: MediaLayout) -> list[int]:

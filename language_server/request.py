@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from language_server.engine.sampling import SamplingParams
+from language_server.limits import check_max_new_tokens, check_media_count, check_media_size, check_tile_count
 from language_server.tile_estimate import image_tiles, video_tiles
 from pipeline.config import DvDConfig
-from pipeline.errors import InvalidRequest, PayloadTooLarge
+from pipeline.errors import InvalidRequest
 from proto.dvd.v1 import generate_pb2 as pb
 
 Role = Literal["system", "user", "assistant"]
@@ -25,6 +26,7 @@ class TextPart:
 class ImagePart:
     data: bytes
     max_tiles: int
+    tiles: int | None = None  # the tiles it makes, read from its header once; None: unreadable (or not read)
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,12 @@ class GenerationRequest:
     @property
     def media(self) -> list[ImagePart | VideoPart]:
         """Images and videos in prompt order."""
-        return [p for m in self.messages for p in m.parts if isinstance(p, (ImagePart, VideoPart))]
+        return media_parts(self.messages)
+
+    @property
+    def text_chars(self) -> int:
+        """Characters of text in all messages."""
+        return sum(len(p.text) for m in self.messages for p in m.parts if isinstance(p, TextPart))
 
     @classmethod
     def from_pb(cls, request: pb.GenerateRequest, config: DvDConfig) -> GenerationRequest:
@@ -69,35 +76,16 @@ class GenerationRequest:
                 raise InvalidRequest(f"messages[{i}]: a system message may only come first")
         if messages[-1].role != "user":
             raise InvalidRequest("the last message must come from the user")
-        media = [p for m in messages for p in m.parts if not isinstance(p, TextPart)]
+        media = media_parts(messages)
         check_media_count(len(media), config)
-        tiles = sum(_tiles(p, config) for p in media)
-        if tiles > config.images.max_tiles_per_request:
-            raise InvalidRequest(
-                f"the images and videos make {tiles} tiles, over the limit of "
-                f"{config.images.max_tiles_per_request} tiles per request"
-            )
+        check_tile_count(sum(_tiles(p, config) for p in media), config)
         sampling = _sampling(request.sampling, config)
         return cls(request_id=request.request_id or uuid.uuid4().hex, messages=messages, sampling=sampling)
 
 
-def check_media_count(count: int, config: DvDConfig) -> None:
-    """InvalidRequest when a request carries more images and videos than the server allows."""
-    limit = config.language.max_images_per_request
-    if count > limit:
-        raise InvalidRequest(f"{count} images or videos exceed the limit of {limit} per request")
-
-
-def media_size_limit(kind: Literal["image", "video"], config: DvDConfig) -> int:
-    """Largest encoded image or video a request may carry, in bytes."""
-    return config.images.max_image_bytes if kind == "image" else config.video.max_video_bytes
-
-
-def check_media_size(kind: Literal["image", "video"], size: int, where: str, config: DvDConfig) -> None:
-    """PayloadTooLarge when an encoded image or video of `size` bytes is over its limit."""
-    limit = media_size_limit(kind, config)
-    if size > limit:
-        raise PayloadTooLarge(f"{where}: {kind} is {size} bytes, over the limit of {limit}")
+def media_parts(messages: tuple[ChatMessage, ...]) -> list[ImagePart | VideoPart]:
+    """The images and videos of a conversation, in prompt order."""
+    return [p for m in messages for p in m.parts if not isinstance(p, TextPart)]
 
 
 def _message(message: pb.Message, index: int, config: DvDConfig) -> ChatMessage:
@@ -128,7 +116,8 @@ def _part(part: pb.ContentPart, where: str, role: Role, config: DvDConfig) -> Pa
         max_tiles = media.max_tiles or limits.max_tiles
         if not limits.min_tiles <= max_tiles <= limits.max_tiles:
             raise InvalidRequest(f"{where}: max_tiles must be in {limits.min_tiles}..{limits.max_tiles}, got {max_tiles}")
-        return ImagePart(data=media.data, max_tiles=max_tiles)
+        tiles = image_tiles(media.data, limits.min_tiles, max_tiles, limits.use_thumbnail)
+        return ImagePart(data=media.data, max_tiles=max_tiles, tiles=tiles)
     return _video(part.video, where, config)
 
 
@@ -158,17 +147,15 @@ def _video(video: pb.VideoInput, where: str, config: DvDConfig) -> VideoPart:
 def _tiles(part: ImagePart | VideoPart, config: DvDConfig) -> int:
     """Tiles a media part will make (videos: at most); an unreadable image counts one, the vision
     server then reports what is wrong with it."""
-    images = config.images
     if isinstance(part, VideoPart):
-        return video_tiles(part.num_segments, part.max_tiles_per_frame, images.use_thumbnail)
-    return image_tiles(part.data, images.min_tiles, part.max_tiles, images.use_thumbnail) or 1
+        return video_tiles(part.num_segments, part.max_tiles_per_frame, config.images.use_thumbnail)
+    return part.tiles or 1
 
 
 def _sampling(sampling: pb.SamplingParameters, config: DvDConfig) -> SamplingParams:
     limits = config.language
     max_new = sampling.max_new_tokens if sampling.HasField("max_new_tokens") else limits.default_max_new_tokens
-    if max_new > limits.max_new_tokens_limit:
-        raise InvalidRequest(f"max_new_tokens {max_new} exceeds the server limit {limits.max_new_tokens_limit}")
+    check_max_new_tokens(max_new, config)
     params = SamplingParams(
         max_new_tokens=max_new,
         temperature=sampling.temperature if sampling.HasField("temperature") else 0.0,

@@ -16,8 +16,9 @@ from language_server import metrics
 from language_server.api import GenerationService
 from language_server.engines import start_engine
 from language_server.http_api import HttpApi, create_app
-from language_server.media import LocalVision, MediaStage, RemoteMedia
+from language_server.media_preparer import LocalVision, MediaPreparer
 from language_server.prompt import PromptBuilder, template_mismatch
+from language_server.remote_media import RemoteMedia
 from language_server.vision_client import VisionClient
 from pipeline.model.checkpoint import Checkpoint, CheckpointError, open_model
 from pipeline.config import DvDConfig
@@ -96,10 +97,10 @@ async def serve(
     loaded, param_bytes = engine.loaded, engine.parameter_bytes
     if local_vision is None:
         vision = VisionClient(config, engine.hidden_size)
-        media: MediaStage = RemoteMedia(vision, prompts, config, pipeline, group_images=checkpoint.is_flash)
+        media: MediaPreparer = RemoteMedia(vision, prompts, config, pipeline, group_images=checkpoint.is_flash)
         role = "language"
     else:
-        media = local_vision.media_stage(prompts, pipeline)
+        media = local_vision.media_preparer(prompts, pipeline)
         role = "colocated"
         loaded = sorted(loaded + local_vision.loaded_tensors)
         param_bytes += parameter_bytes(local_vision.modules)

@@ -46,9 +46,8 @@ class ArrivingRows:
         self, tensor: torch.Tensor, placements: list[list[Placement]], positions: list[int],
         received: list[int] | None = None,
     ) -> None:
-        """`received`: rows of each job's answer already in `tensor` (default none)."""
-        if len(positions) != tensor.shape[0]:
-            raise ValueError(f"{len(positions)} placeholder positions for {tensor.shape[0]} rows")
+        """`positions`: the prompt index of each row's placeholder token (the engine checks that
+        there is one per row). `received`: rows of each job's answer already in `tensor` (default none)."""
         self.tensor = tensor
         self.placements = placements
         self.positions = positions  # prompt index of each row's placeholder token

@@ -17,7 +17,8 @@ from language_server.engine.kv_cache import KVCache, KVCacheSpec, plan_num_block
 from language_server.engine.model_runner import ModelRunner
 from language_server.engine.sampling import Sampler
 from language_server.engine.scheduler import ScheduledBatch, Scheduler, StepCounts
-from language_server.engine.sequence import EngineOutput, EngineRequest, Sequence
+from language_server.engine.sequence import EngineOutput, EngineRequest, Sequence, check_image_rows
+from language_server.limits import check_prompt_length
 from language_server.model import LanguageModel
 from pipeline.config import LanguageConfig
 from pipeline.errors import InvalidRequest
@@ -215,13 +216,9 @@ class Engine:
         one (a fault of the caller, not the client)."""
         if not seq.prompt_ids:
             raise InvalidRequest("the prompt is empty")
-        if seq.max_new_tokens <= 0:
-            raise InvalidRequest(f"the prompt is {len(seq.prompt_ids)} tokens; max_model_len is {self.config.max_model_len}")
-        placeholders = seq.prompt_ids.count(self.model.image_token_id)
-        rows = 0 if seq.image_rows is None else seq.image_rows.shape[0]
-        if placeholders != rows:
-            raise ValueError(f"{placeholders} image placeholder tokens but {rows} feature rows")
-        if rows and seq.image_rows.shape[1] != self.model.hidden_size:
+        check_prompt_length(len(seq.prompt_ids), self.config.max_model_len)
+        check_image_rows(seq.image_positions, seq.image_rows)
+        if seq.image_positions and seq.image_rows.shape[1] != self.model.hidden_size:
             raise ValueError(f"image rows are {seq.image_rows.shape[1]} wide; the LLM's hidden size is {self.model.hidden_size}")
         if not self._fits_pool(seq):
             needed = self.blocks.blocks_for(seq.num_tokens + 1)
@@ -243,7 +240,7 @@ class Engine:
                 self._sinks.pop(payload, None)
 
     def _add(self, handle: int, request: EngineRequest, sink: Sink) -> None:
-        seq = Sequence(request, self.tokenizer, self.config.max_model_len, handle)
+        seq = Sequence(request, self.tokenizer, self.config.max_model_len, handle, self.model.image_token_id)
         self._sinks[handle] = sink
         if seq.arriving is not None:
             seq.arriving.notify = self._wakeup.set

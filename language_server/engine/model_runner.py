@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -60,8 +61,7 @@ class ModelRunner:
         context_slots: list[torch.Tensor] = []
         query_start = [0]
         sample_rows: list[int] = []
-        image_rows: list[torch.Tensor] = []
-        image_positions: list[torch.Tensor] = []
+        images: list[tuple[list[int], torch.Tensor]] = []  # (packed rows, feature rows) of each chunk
         for chunk in chunks:
             seq, offset = chunk.seq, query_start[-1]
             ids += seq.token_slice(chunk.start, chunk.stop)
@@ -74,12 +74,10 @@ class ModelRunner:
                 sample_rows.append(offset + chunk.length - 1)
             found = self._image_rows(chunk)
             if found is not None:
-                image_positions.append(found[0] + offset)
-                image_rows.append(found[1])
+                images.append(([offset + position for position in found[0]], found[1]))
         embeds = self.model.causal_lm.get_input_embeddings()(torch.tensor(ids, device=device))
-        if image_rows:
-            where = torch.cat(image_positions).to(device)
-            embeds[where] = torch.cat(image_rows).to(device=device, dtype=embeds.dtype)
+        for where, rows in images:  # straight from the sequence's rows: no joined copy
+            embeds[torch.tensor(where, device=device)] = rows.to(device=device, dtype=embeds.dtype)
         metadata = AttentionMetadata(
             kv_cache=self.kv_cache,
             backend=self.backend,
@@ -101,8 +99,10 @@ class ModelRunner:
         blocks = torch.tensor(block_table, dtype=torch.long).unsqueeze(1)
         return (blocks * self.block_size + self._block_offsets).flatten()[:num_tokens]
 
-    def _image_rows(self, chunk: ScheduledChunk) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(chunk-relative positions, feature rows) of the image placeholders inside the chunk.
+    @staticmethod
+    def _image_rows(chunk: ScheduledChunk) -> tuple[list[int], torch.Tensor] | None:
+        """(chunk-relative positions, a view of the feature rows) of the image placeholders inside
+        the chunk, from the positions the sequence found once.
 
         Only prompt positions take features: a generated <IMG_CONTEXT> token is embedded as a token.
         """
@@ -110,10 +110,8 @@ class ModelRunner:
         prompt_stop = min(chunk.stop, len(seq.prompt_ids))
         if seq.image_rows is None or chunk.start >= prompt_stop:
             return None
-        image_id = self.model.image_token_id
-        ids = torch.tensor(seq.prompt_ids[chunk.start : prompt_stop])
-        positions = (ids == image_id).nonzero().flatten()
-        if positions.numel() == 0:
+        first = bisect_left(seq.image_positions, chunk.start)
+        stop = bisect_left(seq.image_positions, prompt_stop)
+        if first == stop:
             return None
-        first = seq.prompt_ids[: chunk.start].count(image_id)
-        return positions, seq.image_rows[first : first + positions.numel()]
+        return [p - chunk.start for p in seq.image_positions[first:stop]], seq.image_rows[first:stop]

@@ -13,6 +13,7 @@ import torch
 from language_server.engine.arriving_rows import ArrivingRows
 from language_server.engine.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from language_server.engine.sampling import SampleOutput, SamplingParams
+from language_server.limits import new_token_limit
 
 
 Prepared = tuple[list[int], "torch.Tensor | None"]
@@ -33,6 +34,24 @@ class EngineRequest:
     params: SamplingParams
     image_rows: torch.Tensor | ArrivingRows | None = None  # features for the <IMG_CONTEXT> positions, in order
     prepare: Callable[[], Prepared] | None = None
+
+    def run_prepare(self) -> None:
+        """Run `prepare`, once: the prompt and rows it returns replace `prompt_ids` and `image_rows`."""
+        if self.prepare is not None:
+            prepare, self.prepare = self.prepare, None
+            self.prompt_ids, self.image_rows = prepare()
+
+
+def image_positions(token_ids: list[int], image_token_id: int) -> list[int]:
+    """The index of every image placeholder (<IMG_CONTEXT>) among `token_ids`, in order."""
+    return [i for i, token in enumerate(token_ids) if token == image_token_id]
+
+
+def check_image_rows(positions: list[int], rows: torch.Tensor | None) -> None:
+    """ValueError unless there is one feature row per image placeholder."""
+    count = 0 if rows is None else rows.shape[0]
+    if len(positions) != count:
+        raise ValueError(f"{len(positions)} image placeholder tokens but {count} feature rows")
 
 
 @dataclass
@@ -68,12 +87,17 @@ class Sequence:
     Its tokens are the prompt followed by the output so far. The first `num_computed_tokens` of
     them have their keys and values in the KV cache, in the blocks listed by `block_table`;
     preemption by recompute drops both and starts over from token 0. `handle` identifies it in
-    the engine; `request_id` (the client's) is only echoed.
+    the engine; `request_id` (the client's) is only echoed. `image_positions` are the prompt's
+    image placeholders, found once (none without `image_token_id`).
     """
 
-    def __init__(self, request: EngineRequest, tokenizer, max_model_len: int, handle: int | None = None) -> None:
+    def __init__(
+        self, request: EngineRequest, tokenizer, max_model_len: int, handle: int | None = None,
+        image_token_id: int | None = None,
+    ) -> None:
         self.request = request
         self.handle = next(_handles) if handle is None else handle
+        self.image_token_id = image_token_id
         self.request_id = request.request_id
         self.params = request.params
         self.max_model_len = max_model_len
@@ -95,13 +119,19 @@ class Sequence:
         self.prompt_ids = list(prompt_ids)
         self.arriving = image_rows if isinstance(image_rows, ArrivingRows) else None
         self.image_rows = image_rows.tensor if isinstance(image_rows, ArrivingRows) else image_rows
-        self.max_new_tokens = min(self.params.max_new_tokens, self.max_model_len - len(self.prompt_ids))
+        if self.arriving is not None:
+            self.image_positions = self.arriving.positions
+        elif self.image_token_id is not None:
+            self.image_positions = image_positions(self.prompt_ids, self.image_token_id)
+        else:
+            self.image_positions = []
+        self.max_new_tokens = new_token_limit(self.params.max_new_tokens, len(self.prompt_ids), self.max_model_len)
 
     def run_prepare(self) -> None:
         """Run the request's `prepare` hook, once."""
         if self.request.prepare is not None:
-            prepare, self.request.prepare = self.request.prepare, None
-            self.set_prompt(*prepare())
+            self.request.run_prepare()
+            self.set_prompt(self.request.prompt_ids, self.request.image_rows)
 
     @property
     def all_ids(self) -> list[int]:

@@ -13,6 +13,7 @@ import torch
 from language_server.engine.arriving_rows import ArrivingRows
 from language_server.engine.sampling import SampleOutput, SamplingParams
 from language_server.engine.sequence import EngineOutput, EngineRequest
+from language_server.limits import new_token_limit
 from language_server.vllm_engine.args import apply_environment, engine_args
 from language_server.vllm_engine.prompt import ImageTokens, vllm_prompt
 from language_server.vllm_engine.stats import EngineStats, stat_logger_factory
@@ -131,7 +132,7 @@ class VllmEngine:
 
         return VllmSamplingParams(
             n=1,
-            max_tokens=min(params.max_new_tokens, self.max_model_len - prompt_tokens),
+            max_tokens=new_token_limit(params.max_new_tokens, prompt_tokens, self.max_model_len),
             temperature=0.0 if params.is_greedy else params.temperature,
             top_p=params.top_p,
             top_k=params.top_k,
@@ -151,10 +152,8 @@ async def _prompt_and_rows(request: EngineRequest) -> tuple[list[int], torch.Ten
     """The prompt and all its feature rows: after the colocated `prepare` hook (run off the event
     loop), and once every part of features still arriving is in."""
     if request.prepare is not None:
-        prepare, request.prepare = request.prepare, None
-        prompt_ids, rows = await asyncio.to_thread(prepare)
-    else:
-        prompt_ids, rows = request.prompt_ids, request.image_rows
+        await asyncio.to_thread(request.run_prepare)
+    prompt_ids, rows = request.prompt_ids, request.image_rows
     if isinstance(rows, ArrivingRows):
         rows = await _all_rows(rows)
     return list(prompt_ids), rows

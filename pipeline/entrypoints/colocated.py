@@ -16,16 +16,10 @@ import time
 
 from language_server.engine.sampling import SamplingParams
 from language_server.engine.sequence import EngineRequest, Prepared
-from language_server.media import (
-    MediaStage,
-    MediaTrace,
-    check_frame_tiles,
-    fill_prompt,
-    per_media,
-    prepare_prompt,
-    vision_jobs,
-)
-from language_server.prompt import PromptBuilder
+from language_server.media_layout import check_frame_tiles, per_media, vision_jobs
+from language_server.media_preparer import MediaPreparer
+from language_server.media_trace import MediaTrace
+from language_server.prompt import PromptBuilder, fill_prompt, prepare_prompt
 from language_server.request import GenerationRequest
 from pipeline.config import DvDConfig
 from pipeline.stages import Pipeline
@@ -80,7 +74,7 @@ class ColocatedVision:
         self.loaded_tensors = self.worker.loaded_tensors
         self.modules = self.worker.modules
 
-    def media_stage(self, prompts: PromptBuilder, pipeline: Pipeline) -> MediaStage:
+    def media_preparer(self, prompts: PromptBuilder, pipeline: Pipeline) -> MediaPreparer:
         return InlineMedia(self.worker, prompts, self.config)
 
     def close(self) -> None:

@@ -1,5 +1,5 @@
 """The servicer's deadline and the closing of its nested generators (a stand-in engine and media
-stage; the servers themselves are tested end to end in tests/e2e)."""
+preparer; the servers themselves are tested end to end in tests/e2e)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from language_server.api import GenerationService
 from language_server.engine.sequence import EngineOutput, EngineRequest
-from language_server.media import MediaTrace
+from language_server.media_trace import MediaTrace
 from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded
 from pipeline.stages import Pipeline

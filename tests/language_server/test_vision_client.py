@@ -1,85 +1,38 @@
-"""The feature receiver thread survives any failure while handling a frame, and fails the job."""
+"""Answers in parts: yielded part by part in row order (and joined whole), a part out of order
+fails the job, a part that never comes ends at the deadline."""
 
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 
-import pytest
 import torch
 
-import language_server.vision_client as vision_client
-from language_server.vision_client import VisionClient, _Pending
-from pipeline.config import config_from_dict
+from language_server.vision_client import VisionClient
 from pipeline.errors import InternalError
 from pipeline.transport import create_backend
-from pipeline.wire import FeatureHeader, encode_features
-from tests.conftest import port_overrides
-
-HIDDEN = 16
-WAIT_S = 30.0
+from pipeline.wire import FeatureHeader, Features, VisionJob, encode_features
+from tests.language_server.test_feature_inbox import HIDDEN, WAIT_S, _config
 
 
-def _config():
-    raw: dict = {"language": {}, "vision": {}}
-    for dotted, value in port_overrides().items():
-        section, key = dotted.split(".")
-        raw[section][key] = value
-    raw["transport"] = {"backend": "tcp"}
-    return config_from_dict(raw)
-
-
-def test_an_unexpected_error_fails_that_job_and_the_receiver_goes_on(monkeypatch):
-    config = _config()
-    client = VisionClient(config, hidden_size=HIDDEN)
-    sender = create_backend(config.transport).sender()
-    real_decode = vision_client.decode_features
-    calls: list[str] = []
-
-    def decode_failing_first(header, *args, **kwargs):
-        calls.append(header.job_id)
-        if len(calls) == 1:
-            raise RuntimeError("unexpected bug")
-        return real_decode(header, *args, **kwargs)
-
-    monkeypatch.setattr(vision_client, "decode_features", decode_failing_first)
-
-    async def answer(job_id: str) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        pending = _Pending(loop.create_future(), loop, tiles=1)
-        with client._lock:
-            client._pending[job_id] = pending
-        header, payload = encode_features(FeatureHeader(job_id, "r", tile_tokens=(4,)), torch.zeros(4, HIDDEN))
-        await asyncio.to_thread(sender.send, client.receiver.address, header, payload)
-        return await asyncio.wait_for(pending.future, WAIT_S)
-
-    async def main():
-        with pytest.raises(InternalError, match="unexpected bug"):
-            await answer("first")
-        features = await answer("second")
-        assert features.tensor.shape == (4, HIDDEN)
-        features.release()
-
+async def joined_answer(client: VisionClient, job: VisionJob) -> Features:
+    """Send one job and wait for its whole answer, its parts joined into one tensor."""
+    parts: list[Features] = []
     try:
-        asyncio.run(main())
-    finally:
-        sender.close()
-        client.close()
-    assert calls == ["first", "second"]
-
-
-def test_the_feature_socket_refuses_frames_larger_than_any_answer():
-    import zmq
-
-    from pipeline.wire import max_feature_bytes
-
-    config = _config()
-    client = VisionClient(config, hidden_size=HIDDEN)
-    try:
-        limit = client.receiver._socket.getsockopt(zmq.MAXMSGSIZE)
-    finally:
-        client.close()
-    largest = max_feature_bytes(config.images.max_tiles_per_request, HIDDEN)
-    assert largest < limit <= largest + vision_client.HEADER_BYTES
+        async for part in client.encode_parts(job):
+            parts.append(part)
+    except BaseException:
+        for part in parts:
+            part.release()
+        raise
+    if len(parts) == 1:
+        return parts[0]
+    tensor = torch.cat([p.tensor for p in parts])
+    for part in parts:
+        part.release()
+    return Features(replace(parts[-1].header, row_offset=0, shape=tuple(tensor.shape),
+                            payload_bytes=tensor.numel() * tensor.element_size()),
+                    tensor, received_unix_s=parts[-1].received_unix_s)
 
 
 class _PartsServer:
@@ -99,8 +52,6 @@ class _PartsServer:
         self.thread.start()
 
     def _serve(self) -> None:
-        from pipeline.wire import VisionJob
-
         while not self.stop.is_set():
             message = self.jobs.recv(0.1)
             if message is None:
@@ -123,10 +74,7 @@ ROWS = torch.arange(12 * HIDDEN, dtype=torch.float32).reshape(12, HIDDEN)
 
 def _run_with_parts(parts, timeout_s: float = WAIT_S):
     """Encode one job against a server answering with `parts`; (what each call gave, pending jobs after)."""
-    from dataclasses import replace
-
-    from language_server.vision_client import new_job_id
-    from pipeline.wire import VisionJob
+    from language_server.media_layout import new_job_id
 
     config = _config()
     config = replace(config, language=replace(config.language, vision_timeout_s=timeout_s))
@@ -141,7 +89,7 @@ def _run_with_parts(parts, timeout_s: float = WAIT_S):
         async for part in client.encode_parts(job()):
             got.append((part.header.row_offset, part.tensor.clone()))
             part.release()
-        whole = await client.encode(job())
+        whole = await joined_answer(client, job())
         joined = (whole.header.row_offset, whole.header.shape, whole.tensor.clone())
         whole.release()
         return got, joined
@@ -151,7 +99,7 @@ def _run_with_parts(parts, timeout_s: float = WAIT_S):
     except Exception as exc:  # noqa: BLE001 - the test inspects it
         outcome = exc
     finally:
-        pending = dict(client._pending)
+        pending = dict(client.inbox._pending)
         server.close()
         client.close()
     return outcome, pending

@@ -10,9 +10,8 @@ import pytest
 from PIL import Image, PngImagePlugin
 
 from language_server.request import GenerationRequest
-from language_server.tile_estimate import image_size as estimated_size, image_tiles, video_tiles
+from language_server.tile_estimate import estimate_tiles, image_size as estimated_size, image_tiles, video_tiles
 from pipeline.model.tiling import tile_count
-from language_server.vision_client import estimate_tiles
 from pipeline.client import image, message, video
 from pipeline.config import ImageLimits, load_config
 from pipeline.errors import InvalidRequest

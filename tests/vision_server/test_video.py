@@ -112,10 +112,10 @@ def test_multi_tile_frames_get_a_thumbnail_like_internvl_load_video():
     """InternVL's load_video tiles each frame with use_thumbnail=True: a frame cut into several
     tiles gets a thumbnail last. The job the language server builds asks for that, its tile
     estimate equals what is made, and each frame's pixels equal the GotOcr2 reference's."""
-    from language_server.media import vision_jobs
+    from language_server.media_layout import vision_jobs
     from language_server.request import ChatMessage, GenerationRequest, TextPart, VideoPart, _tiles
     from language_server.engine.sampling import SamplingParams
-    from language_server.vision_client import estimate_tiles
+    from language_server.tile_estimate import estimate_tiles
     from pipeline.model.tiny_processors import build_image_processor
     from tests.vision_server.conftest import vision_config
     from vision_server.jobs import load_pixels

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from language_server.engine.sequence import check_image_rows, image_positions
 from language_server.model import LanguageModel
 from pipeline.model.checkpoint import CheckpointError, open_checkpoint, open_model
 from pipeline.model.checkpoint_names import hf_to_original
@@ -97,12 +98,22 @@ def test_original_names_round_trip(tiny_dirs):
     assert qkv.shape == (6, 2) and qkv[:, 0].tolist() == [0, 0, 1, 1, 2, 2]
 
 
+def _embed(model: LanguageModel, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Token embeddings with `rows` written into the image placeholders' positions, in order, as
+    the engine places them (and checks them: one row per placeholder)."""
+    positions = image_positions(ids.tolist(), model.image_token_id)
+    check_image_rows(positions, rows)
+    embeds = model.causal_lm.get_input_embeddings()(ids)
+    embeds[positions] = rows.to(embeds.dtype)
+    return embeds
+
+
 def test_embedding_rows_land_on_image_placeholders(tiny_dirs):
     model, _ = LanguageModel.from_checkpoint(open_checkpoint(tiny_dirs["hf"]), "cpu", torch.float32)
     ids = torch.tensor([1, 151667, 151667, 2, 151667])
     rows = torch.arange(3 * model.hidden_size, dtype=torch.float32).reshape(3, -1)
-    embeds = model.embed(ids, rows)
+    embeds = _embed(model, ids, rows)
     assert torch.equal(embeds[[1, 2, 4]], rows)
     assert torch.equal(embeds[0], model.causal_lm.get_input_embeddings().weight[1])
     with pytest.raises(ValueError, match="3 image placeholder tokens but 2 feature rows"):
-        model.embed(ids, rows[:2])
+        _embed(model, ids, rows[:2])

@@ -1,4 +1,5 @@
-"""Jobs for a request's media, and answers split back into prompt order."""
+"""RemoteMedia: the engine request from the vision servers' answers, features released on
+every path, prompts tokenized once (off the event loop), and answers that come in parts."""
 
 from __future__ import annotations
 
@@ -10,60 +11,14 @@ import pytest
 import torch
 
 from language_server.engine.sampling import SamplingParams
-from language_server.media import RemoteMedia, check_text_length, fill_prompt, per_media, prepare_prompt, vision_jobs
 from language_server.prompt import PromptBuilder
+from language_server.remote_media import RemoteMedia
 from language_server.request import ChatMessage, GenerationRequest, ImagePart, TextPart, VideoPart
 from pipeline.config import DvDConfig
 from pipeline.errors import InternalError, InvalidRequest
 from pipeline.stages import Pipeline
 from pipeline.wire import FeatureHeader, Features, VisionJob
-
-IMG_A, IMG_B = ImagePart(b"a", 6), ImagePart(b"b", 12)
-VIDEO = VideoPart(b"v", num_segments=2, max_tiles_per_frame=1)
-REQUEST = GenerationRequest(
-    "r", (ChatMessage("user", (IMG_A, VIDEO, IMG_B, TextPart("?"))),), SamplingParams(max_new_tokens=1)
-)
-
-
-def test_one_job_per_medium_without_vir():
-    jobs = vision_jobs(REQUEST, DvDConfig(), group_images=False)
-    assert [(j.kind, j.data, j.max_tiles) for j in jobs] == [("image", b"a", 6), ("video", b"v", 1), ("image", b"b", 12)]
-    assert len({j.job_id for j in jobs}) == 3
-
-
-def test_vir_groups_the_images_of_a_request_into_one_job():
-    jobs = vision_jobs(REQUEST, DvDConfig(), group_images=True)
-    assert [j.kind for j in jobs] == ["image", "video"]
-    assert jobs[0].images == ((b"a", 6), (b"b", 12)) and jobs[0].data == b""
-    sent = replace(jobs[0], reply_to="tcp://127.0.0.1:1")
-    assert VisionJob.decode(sent.encode()) == sent
-    single = GenerationRequest("s", (ChatMessage("user", (IMG_A,)),), SamplingParams())
-    assert vision_jobs(single, DvDConfig(), group_images=True)[0].data == b"a"
-
-
-def test_video_jobs_follow_the_images_thumbnail_rule():
-    video_only = GenerationRequest("v", (ChatMessage("user", (VIDEO, TextPart("?"))),), SamplingParams())
-    (job,) = vision_jobs(video_only, DvDConfig(), group_images=False)
-    assert job.use_thumbnail  # as InternVL's load_video, which tiles every frame with a thumbnail
-    no_thumbnails = replace(DvDConfig(), images=replace(DvDConfig().images, use_thumbnail=False))
-    (job,) = vision_jobs(video_only, no_thumbnails, group_images=False)
-    assert not job.use_thumbnail
-
-
-def _answer(job: VisionJob, tile_tokens: tuple[int, ...], frame_tiles: tuple[int, ...], first_row: float):
-    rows = torch.arange(sum(tile_tokens), dtype=torch.float32)[:, None] + first_row
-    return FeatureHeader(job.job_id, "r", tile_tokens=tile_tokens, frame_tiles=frame_tiles, shape=rows.shape), rows
-
-
-def test_answers_are_split_back_in_prompt_order():
-    jobs = vision_jobs(REQUEST, DvDConfig(), group_images=True)
-    grouped = _answer(jobs[0], (256, 64, 64), (1, 2), first_row=0)  # image a: 1 tile; image b: 2 tiles
-    video = _answer(jobs[1], (256, 256), (1, 1), first_row=1000)
-    layouts, rows = per_media(REQUEST, jobs, [grouped, video])
-    assert [layout.tile_tokens for layout in layouts] == [(256,), (256, 256), (64, 64)]
-    assert layouts[1].frame_tiles == (1, 1)
-    expected = torch.cat([grouped[1][:256], video[1], grouped[1][256:]])
-    assert torch.equal(rows, expected)
+from tests.language_server.test_media_layout import IMG_A, IMG_B, REQUEST, VIDEO
 
 
 class _Payload:
@@ -86,7 +41,7 @@ class _FakeVisionClient:
         self.jobs: list[VisionJob] = []
         self.payloads: list[_Payload] = []
 
-    async def encode_parts(self, job: VisionJob):
+    async def encode_parts(self, job: VisionJob, tiles: int | None = None):
         self.jobs.append(job)
         result = self.answer(job)
         if isinstance(result, BaseException):
@@ -169,28 +124,6 @@ def test_a_prompt_too_long_without_its_images_fails_before_any_vision_job(tokeni
         _run(_media(tokenizer, client, max_model_len=300).engine_request(req, req.sampling))
     assert client.jobs == []
 
-
-def test_text_that_cannot_fit_is_refused_without_tokenizing(tokenizer):
-    builder = PromptBuilder(tokenizer)
-    assert builder.max_chars_per_token >= 16
-    huge = GenerationRequest("r", (ChatMessage("user", (TextPart("x" * (100 * builder.max_chars_per_token + 1)),)),),
-                             SamplingParams())
-    calls: list[int] = []
-    builder.tokenizer = lambda *args, **kwargs: calls.append(1)
-    with pytest.raises(InvalidRequest, match="characters"):
-        prepare_prompt(builder, huge, max_model_len=100)
-    assert calls == []
-
-
-def test_the_character_bound_refuses_no_prompt_that_fits(tokenizer):
-    """The densest text there is (the longest token, repeated) still passes the character check."""
-    builder = PromptBuilder(tokenizer)
-    to_text = tokenizer.convert_tokens_to_string
-    densest = max((to_text([t]) for t in tokenizer.get_vocab()), key=lambda s: len(s.encode()))
-    text = densest * 50
-    req = GenerationRequest("r", (ChatMessage("user", (TextPart(text),)),), SamplingParams())
-    tokens = len(fill_prompt(prepare_prompt(builder, req, max_model_len=10_000), [], 10_000).token_ids)
-    check_text_length(builder, req, max_model_len=tokens + 1)
 
 
 def test_prompts_are_tokenized_off_the_event_loop(tokenizer):
@@ -294,11 +227,11 @@ def test_a_request_is_tokenized_once_into_the_same_ids(tokenizer, name, mode):
 
     prompts.tokenizer = tokenize
     if mode == "decoupled":
-        stage = RemoteMedia(_FakeVisionClient(_varied), prompts, _config(), Pipeline.create(8, 8, 8), False)
+        preparer = RemoteMedia(_FakeVisionClient(_varied), prompts, _config(), Pipeline.create(8, 8, 8), False)
     else:
-        stage = InlineMedia(_FakeWorker(), prompts, _config())
+        preparer = InlineMedia(_FakeWorker(), prompts, _config())
     req = GenerationRequest("r", messages, SamplingParams())
-    request, trace = _run(stage.engine_request(req, req.sampling))
+    request, trace = _run(preparer.engine_request(req, req.sampling))
     token_ids = request.prepare()[0] if request.prepare is not None else request.prompt_ids
     assert len(calls) == 1
     assert token_ids == tokenizer(_rendered(messages, system_prompt))["input_ids"]
