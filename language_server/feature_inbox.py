@@ -68,6 +68,7 @@ class FeatureInbox:
         largest = (max_feature_bytes(config.images.max_tiles_per_request, hidden_size) + HEADER_BYTES
                    if hidden_size else DEFAULT_MAX_FRAME_BYTES)
         self.receiver: FeatureReceiver = create_backend(config.transport).receiver(lc.host, lc.feature_port, largest)
+        self.feature_host = lc.feature_host
         self._pending: dict[str, PendingJob] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -76,8 +77,13 @@ class FeatureInbox:
 
     @property
     def address(self) -> str:
-        """Where vision servers send the features (a job's reply_to)."""
-        return self.receiver.address
+        """Where vision servers send the features (a job's reply_to): the bound address, with its host
+        replaced by language.feature_host when that is set."""
+        bound = self.receiver.address
+        if not self.feature_host:
+            return bound
+        host = f"[{self.feature_host}]" if ":" in self.feature_host else self.feature_host
+        return f"tcp://{host}:{bound.rpartition(':')[2]}"
 
     def expect(self, job_id: str, pending: PendingJob) -> None:
         """Route the frames that answer `job_id` to `pending` (until its last part arrives)."""

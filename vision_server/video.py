@@ -1,7 +1,7 @@
 """Video bytes -> sampled RGB frames, with decord, following InternVL's published recipe.
 
 `num_segments` frames are taken at the centres of equal segments of the (optionally
-time-bounded) video; see shared/specs/checkpoints.md. Limits on bytes, duration, frame
+time-bounded) video; see docs/checkpoints.md. Limits on bytes, duration, frame
 count and frame size are checked before any frame is decoded.
 """
 

@@ -1,4 +1,4 @@
-"""ViR, the visual resolution router of InternVL3.5-Flash (see shared/specs/vir.md).
+"""ViR, the visual resolution router of InternVL3.5-Flash (see docs/vir.md).
 
 Each tile's ViT grid is pooled by cross-attention, scored by a small gating MLP, and the
 tiles of one job (an image, or all frames of a video) whose score clears both the job's

@@ -19,6 +19,7 @@ from pipeline.config.fields import (
     ports,
     positive,
     tls_files,
+    wildcard,
 )
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -144,6 +145,7 @@ class LanguageConfig:
     host: str = "127.0.0.1"
     grpc_port: int = 50051  # public gRPC API
     feature_port: int = 5620  # features arrive here
+    feature_host: str = ""  # the address vision servers send features to; "" = host (must be set when host is a wildcard and vision_servers lists other hosts)
     metrics_port: int = 9100
     http_port: int = 8000  # OpenAI-compatible HTTP API; 0 = off
     vision_servers: tuple[str, ...] = ()  # "host:port" job endpoints; empty = the vision section's
@@ -210,6 +212,13 @@ class LanguageConfig:
         distinct_ports(self.endpoints(), "language.")
         for address in self.vision_servers:
             host_port(address, "vision_servers")
+        if self.vision_servers and wildcard(self.host) and not self.feature_host:
+            raise ValueError(
+                f"feature_host: host {self.host!r} binds every interface, so vision servers on other hosts "
+                "cannot be told where to send features; set feature_host to this host's address as they reach it"
+            )
+        if wildcard(self.feature_host) and self.feature_host:
+            raise ValueError(f"feature_host: must be an address vision servers can reach, not {self.feature_host!r}")
         tls_files(self)
         media_dirs(self)
 

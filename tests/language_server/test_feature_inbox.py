@@ -21,8 +21,8 @@ HIDDEN = 16
 WAIT_S = 30.0
 
 
-def _config():
-    raw: dict = {"language": {}, "vision": {}}
+def _config(**language):
+    raw: dict = {"language": dict(language), "vision": {}}
     for dotted, value in port_overrides().items():
         section, key = dotted.split(".")
         raw[section][key] = value
@@ -81,3 +81,14 @@ def test_the_feature_socket_refuses_frames_larger_than_any_answer():
         client.close()
     largest = max_feature_bytes(config.images.max_tiles_per_request, HIDDEN)
     assert largest < limit <= largest + feature_inbox.HEADER_BYTES
+
+
+@pytest.mark.parametrize("feature_host, expected_host", [("", "127.0.0.1"), ("lang-1.internal", "lang-1.internal"),
+                                                         ("fd00::5", "[fd00::5]")])
+def test_jobs_name_the_feature_host_with_the_bound_port(feature_host, expected_host):
+    config = _config(host="0.0.0.0" if feature_host else "127.0.0.1", feature_host=feature_host)
+    client = VisionClient(config, hidden_size=HIDDEN)
+    try:
+        assert client.inbox.address == f"tcp://{expected_host}:{config.language.feature_port}"
+    finally:
+        client.close()

@@ -17,7 +17,7 @@ from vision_server.worker import VisionWorker
 
 
 def spec_key_names() -> set[str]:
-    """The Flash-only tensor names, written out from shared/specs/vir.md."""
+    """The Flash-only tensor names, written out from docs/vir.md."""
     names = {f"mlp2.{i}.{p}" for i in (0, 1, 4, 7) for p in ("weight", "bias")}
     names.add("pooling_before_gating.query_token")
     for i in range(1, 5):
