@@ -31,12 +31,11 @@ from language_server.media_urls import MediaUrls, read_bounded
 from language_server.openai_request import ChatCompletionRequest, to_generate_request
 from language_server.openai_response import ResponseBuilder, error_body, sse
 from pipeline.errors import (
-    DvDError, InternalError, InvalidRequest, ModelNotFound, Unauthenticated,
+    DvDError, InternalError, InvalidRequest, ModelNotFound, Unauthenticated, short_message,
 )
 
 log = logging.getLogger(__name__)
 
-MAX_ERROR_CHARS = 400
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                 413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
                 504: "timeout_error"}
@@ -63,7 +62,7 @@ def create_app(service: GenerationService, tokenizer: Any) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        body = error_body(str(exc.detail)[:MAX_ERROR_CHARS], _ERROR_TYPES.get(exc.status_code, "error"),
+        body = error_body(short_message(str(exc.detail)), _ERROR_TYPES.get(exc.status_code, "error"),
                           str(exc.status_code), None)
         return JSONResponse(body, status_code=exc.status_code)
 
@@ -180,7 +179,7 @@ def _union_branch(part: Any) -> bool:
 
 
 def _error_json(exc: DvDError) -> dict[str, Any]:
-    message = str(exc)[:MAX_ERROR_CHARS] or type(exc).__name__
+    message = short_message(str(exc)) or type(exc).__name__
     return error_body(message, _ERROR_TYPES.get(exc.http_status, "internal_error"), exc.code.name, exc.param)
 
 

@@ -68,3 +68,11 @@ class InternalError(DvDError):
     """A fault inside the server; the message is safe to show."""
 
     code = grpc.StatusCode.INTERNAL
+
+
+MAX_MESSAGE_CHARS = 300  # a status message longer than this would echo the request back (and can break HTTP/2 limits)
+
+
+def short_message(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`message` cut to at most `limit` characters (ending in "...") for a gRPC status or an HTTP error."""
+    return message if len(message) <= limit else message[: limit - 3] + "..."

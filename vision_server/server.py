@@ -25,7 +25,9 @@ import grpc
 
 from pipeline.wire.channels import PullChannel
 from pipeline.config import DvDConfig
-from pipeline.runtime.grpc_server import SERVING, AdminService, add_health_and_reflection, parameter_bytes, server_info
+from pipeline.runtime.grpc_server import (
+    SERVING, AdminService, DecodeErrorInterceptor, add_health_and_reflection, parameter_bytes, server_info,
+)
 from pipeline.wire import JobStatus, VisionJob, WireError
 from proto.dvd.v1 import admin_pb2_grpc
 from vision_server import metrics
@@ -60,7 +62,11 @@ class VisionServer:
 
     def _start_grpc(self) -> grpc.Server:
         vc = self.config.vision
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)])
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=2),
+            interceptors=[DecodeErrorInterceptor()],
+            options=[("grpc.so_reuseport", 0)],
+        )
         info = server_info(
             "vision",
             self.worker.checkpoint,

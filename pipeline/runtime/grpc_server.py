@@ -5,13 +5,15 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from pipeline.errors import DvDError
+from pipeline.errors import DvDError, short_message
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -19,8 +21,32 @@ log = logging.getLogger(__name__)
 _OPEN_METHODS = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
+@dataclass(frozen=True)
+class Undecodable:
+    """What a guarded request deserializer returns for bytes that are not a valid request."""
+
+    message: str
+
+
+def tolerant_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """`deserializer`, returning an Undecodable instead of raising (gRPC would answer UNKNOWN)."""
+    if deserializer is None:
+        return None
+    message_type = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    name = message_type.full_name if message_type is not None else "request message"
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except (DecodeError, UnicodeDecodeError) as exc:
+            return Undecodable(short_message(f"request is not a valid {name}: {exc}"))
+
+    return deserialize
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """Turns exceptions escaping a handler into status codes: DvDError -> its code, others -> INTERNAL."""
+    """Turns exceptions escaping a handler into status codes: DvDError -> its code, others -> INTERNAL;
+    a request that does not decode -> INVALID_ARGUMENT. Every message is cut to MAX_MESSAGE_CHARS."""
 
     async def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(details)
@@ -30,7 +56,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 _guard_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
@@ -38,10 +64,32 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             guard = _guard_stream if inspect.isasyncgenfunction(behavior) else _guard_unary
             return grpc.unary_stream_rpc_method_handler(
                 guard(behavior, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=tolerant_deserializer(handler.request_deserializer),
                 response_serializer=handler.response_serializer,
             )
         return handler
+
+
+class DecodeErrorInterceptor(grpc.ServerInterceptor):
+    """For synchronous servers (the vision server's): a request that does not decode -> INVALID_ARGUMENT."""
+
+    def intercept_service(self, continuation: Callable, details: grpc.HandlerCallDetails) -> Any:
+        handler = continuation(details)
+        if handler is None or not (handler.unary_unary or handler.unary_stream):
+            return handler
+        make = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.unary_stream_rpc_method_handler
+        behavior = handler.unary_unary or handler.unary_stream
+
+        def guarded(request: Any, context: grpc.ServicerContext) -> Any:
+            if isinstance(request, Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return behavior(request, context)
+
+        return make(
+            guarded,
+            request_deserializer=tolerant_deserializer(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
@@ -68,13 +116,15 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
 
 def _status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, DvDError):
-        return exc.code, str(exc)
+        return exc.code, short_message(str(exc))
     log.error("unhandled error in %s", method, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}"
+    return grpc.StatusCode.INTERNAL, short_message(f"internal error in {method}: {type(exc).__name__}")
 
 
 def _guard_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callable[..., Awaitable[Any]]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             return await behavior(request, context)
         except grpc.aio.AbortError:
@@ -87,6 +137,8 @@ def _guard_unary(behavior: Callable[..., Awaitable[Any]], method: str) -> Callab
 
 def _guard_stream(behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
         try:
             async for response in behavior(request, context):
                 yield response

@@ -13,6 +13,8 @@ from PIL import Image
 
 from language_server.engine.sampling import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from pipeline.client import image, message, sampling
+from pipeline.errors import MAX_MESSAGE_CHARS
+from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import photo_bytes
 
@@ -95,3 +97,51 @@ def test_a_bad_request_does_not_fail_a_concurrent_good_one(engine_deployment, cl
     )
     assert bad.exception().code() == grpc.StatusCode.INVALID_ARGUMENT
     assert len(good.result().token_ids) == 4
+
+
+def _text_request_bytes(text: bytes) -> bytes:
+    """A serialized GenerateRequest whose text part holds `text` (any bytes, valid UTF-8 or not)."""
+    placeholder = "P" * len(text)
+    request = pb.GenerateRequest(messages=_ask(placeholder), sampling=sampling(max_new_tokens=2))
+    return request.SerializeToString().replace(placeholder.encode(), text)
+
+
+UNDECODABLE = {"bad_utf8": _text_request_bytes(b"\xff\xfe\xfa\xfb"), "garbage": b"\xff" * 40}
+
+
+@pytest.mark.parametrize("method", ["Generate", "GenerateUnary"])
+@pytest.mark.parametrize("case", list(UNDECODABLE))
+def test_an_undecodable_request_is_invalid_argument(case, method, fp32_deployment, client_for):
+    with grpc.insecure_channel(fp32_deployment.address) as channel:
+        make = channel.unary_stream if method == "Generate" else channel.unary_unary
+        call = make(f"/dvd.v1.Generation/{method}", request_serializer=lambda b: b,
+                    response_deserializer=pb.GenerateResponse.FromString)
+        with pytest.raises(grpc.RpcError) as info:
+            result = call(UNDECODABLE[case], timeout=60)
+            list(result) if method == "Generate" else result
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request is not a valid dvd.v1.GenerateRequest" in info.value.details()
+    good = client_for(fp32_deployment).generate(_ask(image(photo_bytes("astronaut"))), sampling(max_new_tokens=2))
+    assert len(good.token_ids) == 2
+
+
+def test_an_undecodable_request_to_the_vision_server_is_invalid_argument(fp32_deployment):
+    vc = fp32_deployment.config.vision
+    with grpc.insecure_channel(f"{vc.host}:{vc.grpc_port}") as channel:
+        call = channel.unary_unary("/dvd.v1.Admin/GetServerInfo", request_serializer=lambda b: b,
+                                   response_deserializer=admin_pb2.ServerInfo.FromString)
+        with pytest.raises(grpc.RpcError) as info:
+            call(UNDECODABLE["garbage"], timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "dvd.v1.GetServerInfoRequest" in info.value.details()
+        assert admin_pb2_grpc.AdminStub(channel).GetServerInfo(admin_pb2.GetServerInfoRequest(), timeout=60).role == "vision"
+
+
+@pytest.mark.parametrize("stop", [["x" * 100_000], ["", "x" * 100_000]], ids=["long", "long_and_empty"])
+def test_an_over_long_field_gets_a_short_invalid_argument(stop, fp32_deployment, client_for):
+    client = client_for(fp32_deployment)
+    with pytest.raises(grpc.RpcError) as info:
+        client.generate(_ask(), sampling(max_new_tokens=2, stop=stop))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "stop" in info.value.details() and len(info.value.details()) <= MAX_MESSAGE_CHARS
+    assert len(client.generate(_ask(), sampling(max_new_tokens=2)).token_ids) == 2

@@ -16,6 +16,7 @@ import openai
 import pytest
 from PIL import Image
 
+from pipeline.errors import MAX_MESSAGE_CHARS
 from tests.conftest import photo_bytes
 from tests.e2e.test_http_api import MODEL, ask, client_of, data_url
 
@@ -152,3 +153,12 @@ def test_too_large_images_and_bodies_get_413(guarded):
         )
     assert info.value.status_code == 413
     assert _ask(guarded, data_url(photo_bytes("chelsea"))).usage.completion_tokens >= 1
+
+
+@pytest.mark.parametrize("stop", [["x" * 100_000], ["", "x" * 100_000]], ids=["long", "long_and_empty"])
+def test_an_over_long_field_gets_a_short_message(stop, fp32_deployment):
+    client = client_of(fp32_deployment)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=TEXT, max_tokens=2, stop=stop)
+    assert "stop" in info.value.body["message"] and len(info.value.body["message"]) <= MAX_MESSAGE_CHARS
+    assert client.chat.completions.create(model=MODEL, messages=TEXT, max_tokens=2).usage.completion_tokens >= 1
