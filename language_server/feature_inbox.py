@@ -18,7 +18,7 @@ from pipeline.config import DvDConfig
 from pipeline.errors import InternalError
 from pipeline.transport import FeatureReceiver, create_backend
 from pipeline.transport.base import DEFAULT_MAX_FRAME_BYTES
-from pipeline.wire import Features, WireError, decode_features, decode_header, max_feature_bytes
+from pipeline.wire import FeatureHeader, Features, HeaderError, WireError, decode_features, decode_header, max_feature_bytes
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1
@@ -119,29 +119,25 @@ class FeatureInbox:
         try:
             try:
                 header = decode_header(frame.header)
+            except HeaderError as exc:  # names its job: fail it now rather than at its timeout
+                frame.release()
+                pending = self._claim(exc.job_id, last=True)
+                if pending is None:
+                    return
+                result: Features | BaseException = InternalError(
+                    f"malformed features from {_sender(exc.server_id, pending.source)}: {exc}"
+                )
             except WireError as exc:
                 log.warning("dropped features with an undecodable header: %s", exc)
                 frame.release()
                 return
-            with self._lock:
-                pending = self._pending.get(header.job_id)
-                if pending is not None:
-                    source = pending.source or header.server_id
-                    if header.is_last:  # else further parts of the answer follow
-                        del self._pending[header.job_id]
-                        if pending.on_answered is not None:
-                            pending.on_answered()
-            if pending is None:
-                log.info("features for an unknown or already answered job", extra={"job_id": header.job_id})
-                frame.release()
-                return
-            try:
-                result: Features | BaseException = decode_features(
-                    header, frame.payload, keepalive=frame, hidden_size=self.hidden_size
-                )
-            except WireError as exc:
-                frame.release()
-                result = InternalError(f"malformed features from {source}: {exc}")
+            else:
+                pending = self._claim(header.job_id, header.is_last)
+                if pending is None:
+                    log.info("features for an unknown or already answered job", extra={"job_id": header.job_id})
+                    frame.release()
+                    return
+                result = self._decode(frame, header, _sender(header.server_id, pending.source))
         except Exception as exc:  # noqa: BLE001 - one bad frame must not end the receiver thread
             log.exception("handling received features failed")
             _release_quietly(frame)
@@ -153,6 +149,31 @@ class FeatureInbox:
         except RuntimeError:  # the requester's event loop is closed
             if isinstance(result, Features):
                 result.release()
+
+    def _claim(self, job_id: str, last: bool) -> PendingJob | None:
+        """The job a frame answers (None: nobody waits for it); its last frame ends the routing."""
+        with self._lock:
+            pending = self._pending.get(job_id)
+            if pending is not None and last:  # else further parts of the answer follow
+                del self._pending[job_id]
+                if pending.on_answered is not None:
+                    pending.on_answered()
+        return pending
+
+    def _decode(self, frame, header: FeatureHeader, sender: str) -> Features | BaseException:  # noqa: ANN001
+        """The frame's features, or the error its job fails with when they are malformed."""
+        try:
+            return decode_features(header, frame.payload, keepalive=frame, hidden_size=self.hidden_size)
+        except WireError as exc:
+            frame.release()
+            return InternalError(f"malformed features from {sender}: {exc}")
+
+
+def _sender(server_id: str, endpoint: str) -> str:
+    """The vision server that sent a frame, by its own id and the endpoint the job went to."""
+    if server_id and endpoint and endpoint not in server_id:
+        return f"{server_id} ({endpoint})"
+    return server_id or endpoint or "an unnamed vision server"
 
 
 def _release_quietly(frame) -> None:  # noqa: ANN001 - a transport's received frame

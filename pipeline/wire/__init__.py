@@ -3,6 +3,7 @@
 from pipeline.wire.features import (
     FeatureHeader,
     Features,
+    HeaderError,
     VisionTimings,
     decode_features,
     decode_header,
@@ -16,6 +17,7 @@ from pipeline.wire.jobs import JobStatus, MediaKind, VirMode, VisionJob, WireErr
 __all__ = [
     "FeatureHeader",
     "Features",
+    "HeaderError",
     "JobStatus",
     "MediaKind",
     "VirMode",

@@ -195,7 +195,18 @@ def validate_header(header: FeatureHeader, hidden_size: int | None = None) -> No
         raise WireError(f"{name}: frame tile counts sum to {sum(header.frame_tiles)}, not {len(header.tile_tokens)}")
 
 
+class HeaderError(WireError):
+    """A header that names its job but cannot be used: that job fails at once (its requester need not
+    wait out its timeout)."""
+
+    def __init__(self, message: str, job_id: str, server_id: str) -> None:
+        super().__init__(message)
+        self.job_id = job_id
+        self.server_id = server_id
+
+
 def decode_header(data: bytes) -> FeatureHeader:
+    """Parse a FeatureHeader. Raises WireError, or HeaderError when the header names its job."""
     msg = pb.FeatureHeader()
     try:
         msg.ParseFromString(data)
@@ -204,14 +215,15 @@ def decode_header(data: bytes) -> FeatureHeader:
     if not msg.job_id:
         raise WireError("FeatureHeader without job_id")
     if msg.status == pb.JOB_STATUS_UNSPECIFIED:
-        raise WireError(f"FeatureHeader for job {msg.job_id!r} has no status")
+        raise HeaderError(f"FeatureHeader for job {msg.job_id!r} has no status", msg.job_id, msg.server_id)
     return FeatureHeader.from_pb(msg)
 
 
 def decode_features(
     header: FeatureHeader, payload: memoryview | bytes, keepalive: Any = None, hidden_size: int | None = None
 ) -> Features:
-    """Validate a header against its payload and view the payload as a [rows, hidden] tensor."""
+    """Validate a header against its payload and view the payload as a [rows, hidden] tensor (whose
+    values must all be finite)."""
     if not header.ok:
         return Features(header=header, tensor=None, received_unix_s=time.time())
     validate_header(header, hidden_size)
@@ -223,4 +235,6 @@ def decode_features(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only transport buffers are never written
         tensor = torch.frombuffer(payload, dtype=header.dtype).view(header.shape)
+    if not torch.isfinite(tensor).all():
+        raise WireError(f"features for job {header.job_id!r} hold NaN or infinite values")
     return Features(header=header, tensor=tensor, keepalive=keepalive, received_unix_s=time.time())
