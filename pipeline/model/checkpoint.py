@@ -19,6 +19,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, InternVLConfig, InternVLVisionConfig, PreTrainedConfig
 
 from pipeline.model.checkpoint_names import CheckpointError, Format, Part, part_of, renamer
+from pipeline.model.expert_fusion import fuse_experts
 
 
 @dataclass
@@ -216,6 +217,10 @@ def materialize(
     with torch.device("meta"):
         module = factory()
     expected = set(module.state_dict())
+    try:
+        tensors = fuse_experts(tensors, expected)
+    except ValueError as exc:
+        raise CheckpointError(f"{type(module).__name__}: {exc}") from None
     missing = sorted(expected - set(tensors) - set(allow_missing))
     unexpected = sorted(set(tensors) - expected)
     if missing or unexpected:
