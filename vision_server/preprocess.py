@@ -12,12 +12,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import GifImagePlugin, Image, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
+from PIL import GifImagePlugin, Image, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 from transformers.image_transforms import convert_to_rgb
 
 from pipeline.config import ImageLimits
 
-from pipeline.model.tiling import find_grid, upright_size
+from pipeline.model.tiling import exif_orientation, find_grid, shown_upright, upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,10 +62,10 @@ def decode_image(data: bytes, limits: ImageLimits) -> Image.Image:
     or describe an image with too many pixels (checked from the header) or too small a side.
     """
     image, fmt = _open(data, limits)
+    orientation = exif_orientation(image)  # before load(): the header's EXIF, as the tile estimate reads it
     try:
         image.load()
-        ImageOps.exif_transpose(image, in_place=True)
-        return _to_rgb(image)
+        return _to_rgb(shown_upright(image, orientation))
     except Exception as exc:
         raise ImageError(f"corrupt or truncated {fmt} image: {exc}") from None
 

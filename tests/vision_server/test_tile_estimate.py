@@ -4,6 +4,7 @@ limits on tiles and videos are enforced before any job is sent."""
 from __future__ import annotations
 
 import io
+import struct
 
 import numpy as np
 import pytest
@@ -120,3 +121,33 @@ def test_video_defaults_come_from_the_config():
     assert (part.num_segments, part.max_tiles_per_frame) == (5, 2)
     ok = GenerationRequest.from_pb(request(*(image(photo_bytes("coffee")),) * 3), CONFIG)
     assert len(ok.media) == 3
+
+
+def _tiff_exif(count: int, entries: list[tuple[int, int, bytes]]) -> bytes:
+    """A big-endian TIFF EXIF block whose IFD says it has `count` entries: (tag, type, value) each,
+    one value of four bytes or less."""
+    ifd = b"".join(struct.pack(">HHI", tag, kind, 1) + value.ljust(4, b"\x00") for tag, kind, value in entries)
+    return b"MM\x00\x2a" + struct.pack(">IH", 8, count) + ifd + b"\x00\x00\x00\x00"
+
+
+_ORIENTATION_6 = (0x0112, 3, b"\x00\x06")  # SHORT 6: rotate 90 degrees when displayed
+CORRUPT_EXIF = {  # name: (format, EXIF block, upright size of a stored 1050 x 300 image)
+    "orientation_of_type_undefined": ("JPEG", _tiff_exif(1, [(0x0112, 7, b"\x06")]), (1050, 300)),
+    "orientation_of_type_ascii": ("JPEG", _tiff_exif(1, [(0x0112, 2, b"6\x00")]), (1050, 300)),
+    "rational_tag_of_type_undefined": ("JPEG", _tiff_exif(2, [_ORIENTATION_6, (0x011A, 7, b"abcd")]), (300, 1050)),
+    "png_claiming_65535_tags": ("PNG", _tiff_exif(0xFFFF, [_ORIENTATION_6, (0x0128, 2, b"abc")]), (300, 1050)),
+    "not_tiff_at_all": ("PNG", b"this is no EXIF block", (1050, 300)),
+}
+
+
+@pytest.mark.parametrize("case", list(CORRUPT_EXIF))
+def test_a_corrupt_exif_block_is_ignored_and_both_sides_agree(case, caplog):
+    fmt, block, upright = CORRUPT_EXIF[case]
+    data = encoded(1050, 300, fmt, exif=(b"Exif\x00\x00" + block) if fmt == "JPEG" else block)
+    decoded = decode_image(data, ImageLimits())
+    assert decoded.size == upright
+    made = len(tile_image(decoded, TilingParams()))
+    assert image_tiles(data, 1, 12, use_thumbnail=True) == made
+    assert vision_image_size(data, ImageLimits()) == estimated_size(data) == upright
+    if upright == (1050, 300):
+        assert "EXIF" in caplog.text  # a warning says what was ignored
