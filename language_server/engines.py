@@ -8,10 +8,11 @@ from typing import Any, Callable
 import torch
 
 from language_server.engine.async_engine import AsyncEngine
+from language_server.engine.attention import unsupported_features
 from language_server.engine.engine import Engine
 from language_server.model import LanguageModel
-from pipeline.model.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
+from pipeline.model.checkpoint import Checkpoint, CheckpointError
 from pipeline.runtime.grpc_server import parameter_bytes
 
 
@@ -40,7 +41,19 @@ async def start_engine(config: DvDConfig, checkpoint: Checkpoint, tokenizer) -> 
             engine, engine, hidden_size, sorted(name for name, _ in parameters), sum(n for _, n in parameters),
             engine.stop,
         )
+    refuse_unsupported(checkpoint)
     model, loaded = LanguageModel.from_checkpoint(checkpoint, lc.device, getattr(torch, lc.dtype))
     engine = Engine(model, tokenizer, lc)
     engine.start()
     return RunningEngine(AsyncEngine(engine), engine, hidden_size, loaded, parameter_bytes([model]), engine.stop)
+
+
+def refuse_unsupported(checkpoint: Checkpoint) -> None:
+    """Stop start-up, before anything loads, when the builtin engine cannot serve this LLM."""
+    missing = unsupported_features(checkpoint.text_config)
+    if missing:
+        family = getattr(checkpoint.text_config, "model_type", "this")
+        raise CheckpointError(
+            f"{checkpoint.path}: the builtin engine cannot serve a {family} LLM ({' and '.join(missing)} are not "
+            "supported); serve this model with language.engine: vllm"
+        )

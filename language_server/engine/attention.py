@@ -50,16 +50,24 @@ def paged_attention(
 AttentionInterface.register(PAGED_ATTENTION, paged_attention)
 
 
+def unsupported_features(config) -> list[str]:  # noqa: ANN001 - any transformers text config
+    """What an LLM's config asks of attention that the paged engine cannot do (empty: it can run it)."""
+    missing = []
+    layer_types = getattr(config, "layer_types", None) or []
+    if any(kind != "full_attention" for kind in layer_types) or getattr(config, "use_sliding_window", False):
+        missing.append(f"sliding-window attention layers (layer types {sorted(set(layer_types))})")
+    if getattr(config, "model_type", "") == "gpt_oss":
+        missing.append("attention sinks")
+    return missing
+
+
 def use_paged_attention(causal_lm: nn.Module) -> None:
     """Point the model's attention modules at `paged_attention`; reject layers it cannot run."""
-    config = causal_lm.config
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types):
-        raise ValueError(f"the paged engine runs full-attention layers only; this model has {sorted(set(layer_types))}")
-    if getattr(config, "use_sliding_window", False):
-        raise ValueError("the paged engine does not support sliding-window attention (use_sliding_window: true)")
+    missing = unsupported_features(causal_lm.config)
+    if missing:
+        raise ValueError(f"the paged engine cannot run {' or '.join(missing)}")
     causal_lm.set_attn_implementation(PAGED_ATTENTION)
-    if config._attn_implementation != PAGED_ATTENTION:
+    if causal_lm.config._attn_implementation != PAGED_ATTENTION:
         raise ValueError(f"{type(causal_lm).__name__} does not let the engine set its attention implementation")
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from language_server.engine.attention import unsupported_features
 from language_server.model import LanguageModel
 from tests.language_server.conftest import Case, drive
 
@@ -92,3 +93,25 @@ def test_engine_equals_the_family_generate(family, make_engine):
         assert got.error is None, got.error
         assert got.token_ids == case.expected, case.request_id
     assert engine.num_preemptions > 0 and engine.scheduler.num_partial_prefills > 0
+
+
+def test_the_builtin_engine_refuses_gpt_oss_at_start_up_naming_what_it_lacks(tmp_path) -> None:
+    from transformers import InternVLConfig
+
+    from language_server.engines import refuse_unsupported
+    from pipeline.model.checkpoint import CheckpointError, open_checkpoint
+    from pipeline.model.tiny_weights import VISION_CONFIG
+
+    text = AutoConfig.for_model(
+        "gpt_oss", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+    )
+    InternVLConfig(vision_config=VISION_CONFIG, text_config=text.to_dict()).save_pretrained(tmp_path)
+    with pytest.raises(CheckpointError, match=r"cannot serve a gpt_oss LLM \(sliding-window attention layers .*"
+                                              r"and attention sinks are not supported\); serve this model with "
+                                              r"language.engine: vllm"):
+        refuse_unsupported(open_checkpoint(tmp_path))
+    for family in FAMILIES:  # the families it serves pass the same check
+        config = AutoConfig.for_model(**FAMILIES[family])
+        assert unsupported_features(config) == []
