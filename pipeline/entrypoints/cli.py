@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import signal
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from pipeline.config import ConfigError, parse_override
 from pipeline.config.fields import wildcard
+from pipeline.runtime.secrets import API_KEY_ENV
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("--top-k", type=int, default=None)
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--stop", action="append", default=[])
-    chat.add_argument("--api-key", default="")
+    chat.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, ""), help=f"default: ${API_KEY_ENV}")
     _tls_arguments(chat)
     chat.add_argument("--timings", action="store_true", help="print usage and stage timings to stderr")
 
     info = commands.add_parser("info", help="describe the model a server is serving")
     info.add_argument("--address", default="127.0.0.1:50051")
-    info.add_argument("--api-key", default="")
+    info.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, ""), help=f"default: ${API_KEY_ENV}")
     _tls_arguments(info)
 
     commands.add_parser("tiny", help="generate the tiny default model (both formats) and print its location")
@@ -109,8 +111,7 @@ def _ready_message(deployment) -> str:
         python = python.relative_to(Path.cwd())
     except ValueError:
         pass
-    key = f" --api-key {shlex.quote(config.language.api_key)}" if config.language.api_key else ""
-    key += _tls_flags(config.language)
+    flags = _tls_flags(config.language)  # the API key is never printed: the commands read it from $DVD_API_KEY
     address = deployment.address
     if config.language.tls_cert and wildcard(config.language.host):  # a certificate names no wildcard address
         address = f"localhost:{config.language.grpc_port}"
@@ -130,11 +131,13 @@ def _ready_message(deployment) -> str:
     lines += [
         "",
         "Try, in another terminal:",
-        f"  {python} -m pipeline chat --address {address}{key} --image {sample} "
+        f"  {python} -m pipeline chat --address {address}{flags} --image {sample} "
         '"What is in this image?"',
     ]
     if deployment.http_url:
         lines += ["or, over HTTP:", f"  {curl_command(deployment)}"]
+    if config.language.api_key:
+        lines.append(f"(with {API_KEY_ENV} set to language.api_key: the commands read the key from it)")
     lines += [
         "",
         "Ctrl-C stops both servers.",
@@ -148,7 +151,7 @@ def curl_command(deployment) -> str:
     png = _sample_png()
     flags = ["-sS", f"{deployment.http_url}/v1/chat/completions", "-H", "Content-Type: application/json"]
     if lc.api_key:
-        flags += ["-H", f"Authorization: Bearer {lc.api_key}"]
+        flags += ["-H", f"Authorization: Bearer ${API_KEY_ENV}"]  # expanded by the shell, never printed
     if lc.tls_cert:
         flags += ["--cacert", lc.tls_cert] + (["--cert", "CLIENT.pem", "--key", "CLIENT.key"] if lc.tls_client_ca else [])
     model = deployment.config.model.name or ("tiny" if deployment.config.model.path == "tiny" else Path(deployment.config.model.path).name)
@@ -163,7 +166,8 @@ def curl_command(deployment) -> str:
     })
     before, after = body.split(marker)
     image = '"$(base64 < ' + shlex.quote(str(png)) + " | tr -d '\\n')\""
-    return " ".join(["curl", *map(shlex.quote, flags), "-d", shlex.quote(before) + image + shlex.quote(after)])
+    quoted = [f'"{flag}"' if API_KEY_ENV in flag else shlex.quote(flag) for flag in flags]
+    return " ".join(["curl", *quoted, "-d", shlex.quote(before) + image + shlex.quote(after)])
 
 
 def _sample_png() -> Path:

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pipeline.config import DvDConfig, load_config
 from pipeline.config.fields import wildcard
 from pipeline.runtime.process import launched_env
+from pipeline.runtime.secrets import secret_env, split_secrets
 from pipeline.runtime.tls import TlsDial, client_identity_error
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 
@@ -195,7 +196,8 @@ class Deployment:
         return f"{'https' if lc.tls_cert else 'http'}://{host}:{lc.http_port}"
 
     def _plan(self) -> list[ServerProcess]:
-        settings = [f"--set={key}={_yaml(value)}" for key, value in self.overrides.items()]
+        public, _ = split_secrets(self.overrides)  # secrets go by environment (start), never on a command line
+        settings = [f"--set={key}={_yaml(value)}" for key, value in public.items()]
         common = ["--config", self.config_path, *settings]
         vc, lc = self.config.vision, self.config.language
         servers = []
@@ -228,8 +230,9 @@ class Deployment:
             tiny_model_dir("original" if self.config.model.format == "original" else "hf")
         self._check_launcher_identity()
         try:
+            env = {**self.env, **secret_env(split_secrets(self.overrides)[1])}
             for server in self.servers:
-                server.start(self.env)
+                server.start(env)
             deadline = time.monotonic() + timeout_s
             for server in self.servers:
                 server.wait_ready(deadline - time.monotonic(), cancelled)

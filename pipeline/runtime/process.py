@@ -133,6 +133,7 @@ def server_args(prog: str, description: str, argv: list[str] | None, replica: bo
     import argparse
 
     from pipeline.config import ConfigError, load_config, parse_override
+    from pipeline.runtime.secrets import take_secrets
 
     die_with_parent()
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -142,7 +143,7 @@ def server_args(prog: str, description: str, argv: list[str] | None, replica: bo
         parser.add_argument("--replica", type=int, default=0, help="replica index (port offset)")
     args = parser.parse_args(argv)
     try:
-        config = load_config(args.config, dict(parse_override(s) for s in args.set))
+        config = load_config(args.config, {**dict(parse_override(s) for s in args.set), **take_secrets()})
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -8,6 +8,8 @@ import functools
 import http.server
 import io
 import os
+import shutil
+import subprocess
 import threading
 
 import httpx
@@ -16,6 +18,7 @@ import openai
 import pytest
 from PIL import Image
 
+from pipeline.entrypoints.cli import curl_command
 from pipeline.errors import MAX_MESSAGE_CHARS
 from tests.conftest import photo_bytes
 from tests.e2e.test_http_api import MODEL, ask, client_of, data_url
@@ -162,3 +165,13 @@ def test_an_over_long_field_gets_a_short_message(stop, fp32_deployment):
         client.chat.completions.create(model=MODEL, messages=TEXT, max_tokens=2, stop=stop)
     assert "stop" in info.value.body["message"] and len(info.value.body["message"]) <= MAX_MESSAGE_CHARS
     assert client.chat.completions.create(model=MODEL, messages=TEXT, max_tokens=2).usage.completion_tokens >= 1
+
+
+@pytest.mark.skipif(shutil.which("curl") is None or shutil.which("base64") is None, reason="needs curl and base64")
+def test_the_printed_curl_command_reads_the_api_key_from_the_environment(guarded):
+    command = curl_command(guarded)
+    assert KEY not in command
+    env = {**os.environ, "DVD_API_KEY": KEY}
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    assert openai.types.chat.ChatCompletion.model_validate_json(done.stdout).choices[0].message.role == "assistant"

@@ -90,21 +90,39 @@ def _server_pids(overrides: dict) -> list[int]:
     return [_pid_of(f"127.0.0.1:{overrides[k]}", key) for k in ("vision.grpc_port", "language.grpc_port")]
 
 
+def _descendants(pid: int) -> list[int]:
+    children = _children(pid)
+    return children + [grandchild for child in children for grandchild in _descendants(child)]
+
+
+def _cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+        return cmdline.read().decode(errors="replace")
+
+
 def test_serve_prints_a_working_client_command_and_ctrl_c_stops_everything():
-    overrides = {**port_overrides(), "language.api_key": "s3cret"}  # the printed command must carry it
+    key = "s3cret-4c1f7e"
+    overrides = {**port_overrides(), "language.api_key": key}
     with _launched(overrides) as launcher:
         lines = _lines(launcher.stdout)
         output = _read_until(lines, "Ctrl-C stops both servers")
         command = next(line.strip() for line in output if " chat " in line)
-        chat = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True, timeout=120)
+        # the printed command reads the key from $DVD_API_KEY: it is never printed, nor on a server's command line
+        env = {**os.environ, "DVD_API_KEY": key}
+        chat = subprocess.run(shlex.split(command), cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
         assert chat.returncode == 0, chat.stderr
         assert chat.stdout.strip(), "the client streamed no answer"
+        servers = _descendants(launcher.pid)
+        assert len(servers) >= 2 and not [pid for pid in servers if key in _cmdline(pid)]
 
         pids = _server_pids(overrides)
+        assert set(pids) <= set(servers)
         assert all(_running(pid) for pid in pids)
         launcher.send_signal(signal.SIGINT)
         assert launcher.wait(timeout=60) == 0
         assert not any(_running(pid) for pid in pids)
+        output += iter(lambda: lines.get(timeout=30), None)
+    assert output and key not in "".join(output)
 
 
 def test_servers_go_when_their_launcher_is_killed():

@@ -104,9 +104,11 @@ def test_tls_does_not_replace_the_api_key(tls_deployment, pki):
     assert _refusal(tls_deployment.address, tls_ca=pki["ca"]) == grpc.StatusCode.UNAUTHENTICATED
 
 
-def test_the_printed_client_command_reaches_the_tls_server(tls_deployment, capsys):
-    command = shlex.split(cli._ready_message(tls_deployment).split("Try, in another terminal:")[1].splitlines()[1])
-    assert "--tls-ca" in command and "--api-key" in command
+def test_the_printed_client_command_reaches_the_tls_server(tls_deployment, capsys, monkeypatch):
+    banner = cli._ready_message(tls_deployment)
+    command = shlex.split(banner.split("Try, in another terminal:")[1].splitlines()[1])
+    assert "--tls-ca" in command and KEY not in banner  # the key comes from $DVD_API_KEY, never printed
+    monkeypatch.setenv("DVD_API_KEY", KEY)
     assert cli.main([*command[command.index("chat"):], "--max-new-tokens", "2"]) == 0
     assert capsys.readouterr().out.strip()
 
