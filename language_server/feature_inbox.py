@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pipeline.config import DvDConfig
-from pipeline.errors import InternalError
+from pipeline.errors import InternalError, Unavailable
 from pipeline.transport import FeatureReceiver, create_backend
 from pipeline.transport.base import DEFAULT_MAX_FRAME_BYTES
 from pipeline.wire import FeatureHeader, Features, HeaderError, WireError, decode_features, decode_header, max_feature_bytes
@@ -23,6 +23,14 @@ from pipeline.wire import FeatureHeader, Features, HeaderError, WireError, decod
 log = logging.getLogger(__name__)
 POLL_S = 0.1
 HEADER_BYTES = 1 << 20  # room for a feature header beside the largest payload
+
+
+class ReplicaLost(Unavailable):
+    """The vision server a job was sent to closed its connection before answering all of it."""
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(f"vision server {endpoint} went away (its connection closed) before answering")
+        self.endpoint = endpoint
 
 
 @dataclass
@@ -95,6 +103,18 @@ class FeatureInbox:
         with self._lock:
             if self._pending.get(job_id) is pending:
                 del self._pending[job_id]
+
+    def lose_source(self, endpoint: str) -> int:
+        """Fail every job still waiting for (part of) an answer from `endpoint` with ReplicaLost;
+        returns how many. A job that another server may still answer is the requester's to resend."""
+        with self._lock:
+            lost = [pending for pending in self._pending.values() if pending.source == endpoint]
+        for pending in lost:
+            try:
+                pending.loop.call_soon_threadsafe(pending.push, ReplicaLost(endpoint))
+            except RuntimeError:  # the requester's event loop is closed
+                pass
+        return len(lost)
 
     def close(self) -> None:
         self._stop.set()

@@ -7,6 +7,11 @@ timeout, or leaves a job unanswered for `vision.replica_timeout_s` and then fail
 `language.vision_servers` have no known health address and count as down on the timeout alone).
 The job is then sent to another replica, and the replica is skipped for a while. Whichever
 answer to a job arrives first is used.
+
+A replica whose job connection drops (a killed process's kernel closes it at once) is down until
+it connects again: its jobs still waiting for a first answer go to another replica (vision jobs
+are idempotent), or fail UNAVAILABLE naming it when no other replica is left to try, and jobs
+whose answer was arriving in parts fail UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from dataclasses import dataclass, field
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from language_server.feature_inbox import FeatureInbox, PendingJob
+from language_server.feature_inbox import FeatureInbox, PendingJob, ReplicaLost
 from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded, Unavailable
 from pipeline.wire import Features, JobStatus
@@ -34,10 +39,11 @@ PROBE_S = 2.0  # a health check that takes longer counts as failed
 @dataclass
 class Replica:
     endpoint: str
-    channel: PushChannel
     health: grpc.Channel | None = None  # the replica's gRPC health service, when its address is known
+    channel: PushChannel = field(init=False, repr=False)
     outstanding_tiles: int = 0
     down_until: float = 0.0  # time.monotonic(); skipped before this
+    connected: bool = True  # False from a dropped job connection until it is back
     send_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def answers_health_check(self) -> bool:
@@ -69,11 +75,27 @@ class VisionReplicas:
         self.inbox = inbox
         self.timeout_s = config.language.vision_timeout_s
         self.replica_timeout_s = config.vision.replica_timeout_s
-        self.replicas = [
-            Replica(endpoint, PushChannel(f"tcp://{endpoint}"), _health_channel(config, i))
-            for i, endpoint in enumerate(config.vision_endpoints)
-        ]
         self._lock = threading.Lock()  # guards the replicas' outstanding tiles and down times
+        self.replicas = [self._connect(endpoint, _health_channel(config, i))
+                         for i, endpoint in enumerate(config.vision_endpoints)]
+
+    def _connect(self, endpoint: str, health: grpc.Channel | None) -> Replica:
+        replica = Replica(endpoint, health)
+        replica.channel = PushChannel(f"tcp://{endpoint}", on_peer=lambda up: self._peer_changed(replica, up))
+        return replica
+
+    def _peer_changed(self, replica: Replica, up: bool) -> None:
+        """From the channel's monitor thread: the job connection to `replica` came up or dropped."""
+        with self._lock:
+            was, replica.connected = replica.connected, up
+            if up:
+                replica.down_until = 0.0
+        if up and not was:
+            log.info("vision server %s is connected again", replica.endpoint)
+        elif not up:
+            lost = self.inbox.lose_source(replica.endpoint)
+            log.warning("vision server %s closed its job connection; %d jobs in flight there are moved or failed",
+                        replica.endpoint, lost)
 
     def close(self) -> None:
         for replica in self.replicas:
@@ -94,7 +116,13 @@ class VisionReplicas:
             replica = await self._send(job_id, frame, pending, assignment, tried)
             tried.add(replica.endpoint)
             last_chance = len(tried) >= len(self.replicas)
-            features = await self._answer(pending, replica, deadline, last_chance)
+            try:
+                features = await self._answer(pending, replica, deadline, last_chance)
+            except ReplicaLost:
+                if last_chance:
+                    raise
+                pending.future = loop.create_future()
+                continue
             if features is None:
                 self._mark_down(replica, f"left job {job_id} unanswered and failed a health check")
                 continue
@@ -149,7 +177,7 @@ class VisionReplicas:
         if not candidates:
             return None
         now = time.monotonic()
-        return min(candidates, key=lambda r: (r.down_until > now, r.outstanding_tiles))
+        return min(candidates, key=lambda r: (not r.connected or r.down_until > now, r.outstanding_tiles))
 
     @staticmethod
     def _move(assignment: Assignment, replica: Replica | None) -> None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import zmq
+
+from pipeline.wire.peer_monitor import PeerMonitor
 
 
 class PullChannel:
@@ -28,15 +32,20 @@ class PullChannel:
 
 
 class PushChannel:
-    """Connects a PUSH socket to one peer; sends never block longer than the send timeout."""
+    """Connects a PUSH socket to one peer; sends never block longer than the send timeout.
+    `on_peer(up)` is told when the connection to the peer comes up or drops."""
 
-    def __init__(self, address: str, send_timeout_s: float = 1.0, high_water_mark: int = 1024) -> None:
+    def __init__(
+        self, address: str, send_timeout_s: float = 1.0, high_water_mark: int = 1024,
+        on_peer: Callable[[bool], None] | None = None,
+    ) -> None:
         self.address = address
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
         self._socket.setsockopt(zmq.SNDHWM, high_water_mark)
         self._socket.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
         self._socket.setsockopt(zmq.IMMEDIATE, 1)  # do not queue for a peer that is not connected
         self._socket.setsockopt(zmq.LINGER, 0)
+        self._monitor = PeerMonitor(self._socket, on_peer, f"peer-{address}") if on_peer else None
         self._socket.connect(address)
 
     def send(self, frames: list[bytes]) -> bool:
@@ -48,4 +57,6 @@ class PushChannel:
             return False
 
     def close(self) -> None:
+        if self._monitor is not None:
+            self._monitor.close()
         self._socket.close(linger=0)
