@@ -75,6 +75,7 @@ def _connect(args: argparse.Namespace):
 
 def _serve(args: argparse.Namespace) -> int:
     from pipeline.entrypoints.launch import Deployment, LaunchError, StartInterrupted
+    from pipeline.entrypoints.supervisor import Supervisor
 
     deployment = Deployment(args.config, dict(parse_override(s) for s in args.set))
     stop = threading.Event()
@@ -90,11 +91,12 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"dvd: start-up failed: {exc}", file=sys.stderr)
         return 1
     print(_ready_message(deployment), flush=True)
+    supervisor = Supervisor(deployment, stop, lambda line: print(line, file=sys.stderr, flush=True))
     try:
         while not stop.wait(0.5):
-            failed = deployment.failed()
-            if failed is not None:
-                print(f"dvd: {failed.name} exited with code {failed.process.returncode}; stopping", file=sys.stderr)
+            reason = supervisor.check()
+            if reason is not None:
+                print(f"dvd: {reason}; stopping", file=sys.stderr)
                 return 1
     finally:
         print("dvd: stopping servers ...", flush=True)

@@ -57,9 +57,10 @@ class ServerProcess:
                 f"{self.name}: servers must be started from the main thread (a server dies with the thread that started it)"
             )
         output: Any = None
-        if self.log_path is not None:
-            self._log_file = open(self.log_path, "wb")
+        if self.log_path is not None:  # a restarted server's log follows its earlier one
+            self._log_file = open(self.log_path, "ab" if self.process is not None else "wb")
             output = self._log_file
+        self._terminated = False
         self.process = subprocess.Popen(self.argv, env=launched_env(env), stdout=output, stderr=output)
 
     @property
@@ -178,6 +179,7 @@ class Deployment:
         self.config: DvDConfig = load_config(self.config_path, self.overrides)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.env = {**os.environ, **(env or {})}
+        self.launch_env = {**self.env, **secret_env(split_secrets(self.overrides)[1])}  # what servers start with
         self.servers = self._plan()
 
     @property
@@ -230,9 +232,8 @@ class Deployment:
             tiny_model_dir("original" if self.config.model.format == "original" else "hf")
         self._check_launcher_identity()
         try:
-            env = {**self.env, **secret_env(split_secrets(self.overrides)[1])}
             for server in self.servers:
-                server.start(env)
+                server.start(self.launch_env)
             deadline = time.monotonic() + timeout_s
             for server in self.servers:
                 server.wait_ready(deadline - time.monotonic(), cancelled)
