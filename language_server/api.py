@@ -16,6 +16,7 @@ from language_server.engine.sequence import EngineOutput
 from language_server.media_preparer import MediaPreparer
 from language_server.media_trace import MediaTrace
 from language_server.request import GenerationRequest
+from language_server.request_reader import RequestReader
 from pipeline.model.checkpoint import Checkpoint
 from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded, DvDError, InternalError
@@ -45,6 +46,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         self.media = media
         self.pipeline = pipeline
         self.stop_token_ids = stop_token_ids
+        self.reader = RequestReader(config)
 
     async def Generate(self, request: pb.GenerateRequest, context) -> AsyncIterator[pb.GenerateResponse]:
         async with aclosing(self._generate(request)) as events:
@@ -94,7 +96,7 @@ class GenerationService(generate_pb2_grpc.GenerationServicer):
         deadline = asyncio.get_running_loop().time() + self.config.language.request_timeout_s
         outcome = "error"
         try:
-            req = GenerationRequest.from_pb(request, self.config)
+            req = await self.reader.read(request)
             async with self.pipeline.admission.enter():
                 metrics.IN_FLIGHT.inc()
                 try:

@@ -12,13 +12,16 @@ import io
 
 from PIL import Image
 
+from pipeline.model.image_header import check_structure
 from pipeline.model.tiling import most_tiles, tile_count, upright_size
 from pipeline.wire import VisionJob
 
 
 def image_size(data: bytes) -> tuple[int, int] | None:
-    """(width, height) as the image will be shown upright, or None when the header is unreadable."""
+    """(width, height) as the image will be shown upright, or None when the header is unreadable
+    (or refused by check_structure: the vision server says why)."""
     try:
+        check_structure(data)
         with Image.open(io.BytesIO(data)) as image:
             return upright_size(image)
     except Exception:  # noqa: BLE001 - unreadable here; the vision server reports why

@@ -17,6 +17,7 @@ from transformers.image_transforms import convert_to_rgb
 
 from pipeline.config import ImageLimits
 
+from pipeline.model.image_header import ImageHeaderError, check_structure
 from pipeline.model.tiling import exif_orientation, find_grid, shown_upright, upright_size
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -89,6 +90,10 @@ def _open(data: bytes, limits: ImageLimits) -> tuple[Image.Image, str]:
         if other:
             raise ImageError(f"unsupported image format {other!r} (accepted: JPEG, PNG, WEBP, GIF)")
         raise ImageError("not a recognised image (accepted: JPEG, PNG, WEBP, GIF)")
+    try:
+        check_structure(data)
+    except ImageHeaderError as exc:
+        raise ImageError(str(exc)) from None
     try:
         image = _OPENERS[fmt](io.BytesIO(data))
     except Exception as exc:  # Pillow reports bad headers with many exception types

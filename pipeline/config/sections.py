@@ -52,11 +52,12 @@ class ImageLimits:
     max_image_pixels: int = 64_000_000  # decompression-bomb guard, checked before decoding
     min_image_side: int = 2  # pixels
     max_tiles_per_request: int = 128  # all images and video frames of one request, thumbnails included
+    max_decode_s: float = 10.0  # time to read one image's or video's header (tile estimate) before the request is refused
 
     def check(self) -> None:
         positive(
             self, "min_tiles", "max_tiles", "max_image_bytes", "max_image_pixels", "min_image_side",
-            "max_tiles_per_request",
+            "max_tiles_per_request", "max_decode_s",
         )
         if self.min_tiles > self.max_tiles:
             raise ValueError(f"min_tiles ({self.min_tiles}) exceeds max_tiles ({self.max_tiles})")

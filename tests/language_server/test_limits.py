@@ -34,3 +34,28 @@ def test_the_character_bound_refuses_no_prompt_that_fits(tokenizer):
     tokens = len(fill_prompt(prepare_prompt(builder, req, max_model_len=10_000), [], 10_000).token_ids)
     check_text_length(builder, req, max_model_len=tokens + 1)
 
+
+
+def test_reading_a_request_past_its_time_budget_is_refused(monkeypatch) -> None:
+    import asyncio
+    import threading
+    from dataclasses import replace
+
+    from language_server import request_reader
+    from language_server.request_reader import RequestReader
+    from pipeline.client import image, message
+    from pipeline.config import DvDConfig
+    from pipeline.errors import InvalidRequest
+    from proto.dvd.v1 import generate_pb2 as pb
+
+    release = threading.Event()
+    monkeypatch.setattr(request_reader.GenerationRequest, "from_pb", lambda request, config: release.wait(30))
+    config = DvDConfig()
+    reader = RequestReader(replace(config, images=replace(config.images, max_decode_s=0.2)))
+    request = pb.GenerateRequest(messages=[message("user", image(b"x"), image(b"x"))])
+    try:
+        with pytest.raises(InvalidRequest, match=r"2 media headers took over 0.4 s \(images.max_decode_s: 0.2 s each\)"):
+            asyncio.run(reader.read(request))
+    finally:
+        release.set()
+        reader.close()
