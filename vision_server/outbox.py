@@ -5,9 +5,15 @@ stops taking features (gone, or slow) delays only its own answers, never those o
 language servers. A lane does not send answers whose job's deadline has passed, skips an
 address for one send timeout after it failed to take an answer in time, holds at most
 `max_features` answers with feature rows (further ones are answered RESOURCE_EXHAUSTED
-instead) and `max_queued` answers in all (further ones are dropped, logged). Lanes are created on first use, up to `max_lanes`;
-further addresses share lanes. Features that cannot be delivered (no shared memory left, a
-malformed tensor) are replaced by an error header, so the request fails at once.
+instead) and `max_queued` answers in all (further ones are dropped, logged).
+
+An address gets a lane of its own only once it has taken an answer, up to `max_lanes` such
+lanes (further verified addresses share them). Until then its answers go through a few shared
+probation lanes, so requesters that never take an answer (gone, or never there: a job's reply
+address is the requester's to choose) block only one another, never a language server that
+works. All parts of one job's answer use the lane its first part took, so they stay in order.
+Features that cannot be delivered (no shared memory left, a malformed tensor) are replaced by an
+error header, so the request fails at once.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from vision_server.answers import JobResult
 log = logging.getLogger(__name__)
 POLL_S = 0.1
 MAX_LANES = 16
+PROBATION_LANES = 4
 MAX_QUEUED = 1024  # answers waiting in one lane
 MAX_FEATURES = 64  # of those, answers that carry feature rows
 MAX_DEAD = 64  # addresses a lane remembers as not taking answers
@@ -36,8 +43,12 @@ Done = Callable[[], None]
 
 
 class _Lane:
-    def __init__(self, name: str, sender: FeatureSender, max_queued: int, max_features: int, dead_s: float) -> None:
+    def __init__(
+        self, name: str, sender: FeatureSender, max_queued: int, max_features: int, dead_s: float,
+        delivered: Callable[[str], None],
+    ) -> None:
         self.sender = sender
+        self._delivered = delivered
         self.items: queue.Queue[tuple[JobResult, Done | None]] = queue.Queue(max_queued)
         self.stopping = threading.Event()
         self._features = 0  # queued answers that carry rows
@@ -100,10 +111,12 @@ class _Lane:
             metrics.JOBS.labels("undelivered").inc()
             return
         self._dead_until.pop(address, None)
-        if not deliver(self.sender, result):
-            if len(self._dead_until) >= MAX_DEAD:
-                self._dead_until = {a: t for a, t in self._dead_until.items() if t > now}
-            self._dead_until[address] = time.monotonic() + self._dead_s
+        if deliver(self.sender, result):
+            self._delivered(address)
+            return
+        if len(self._dead_until) >= MAX_DEAD:
+            self._dead_until = {a: t for a, t in self._dead_until.items() if t > now}
+        self._dead_until[address] = time.monotonic() + self._dead_s
 
 
 class Outbox:
@@ -112,14 +125,18 @@ class Outbox:
 
     def __init__(
         self, transport: TransportConfig, max_lanes: int = MAX_LANES, max_queued: int = MAX_QUEUED,
-        max_features: int = MAX_FEATURES,
+        max_features: int = MAX_FEATURES, probation_lanes: int = PROBATION_LANES,
     ) -> None:
         self._transport = transport
         self._max_lanes = max_lanes
+        self._probation_lanes = probation_lanes
         self._max_queued = max_queued
         self._max_features = max_features
-        self._lanes: list[_Lane] = []
+        self._lanes: list[_Lane] = []  # for verified addresses
+        self._probation: list[_Lane] = []  # shared by addresses that have not taken an answer yet
         self._lane_of: dict[str, _Lane] = {}
+        self._verified: set[str] = set()
+        self._lane_of_job: dict[str, _Lane] = {}  # jobs whose answer is being sent in parts
         self._lock = threading.Lock()
         self._spare: FeatureSender | None = self._new_sender()
 
@@ -133,7 +150,7 @@ class Outbox:
         """Queue an answer on its address's lane. Never blocks or raises: an answer that cannot be
         queued (no sender could be made, the lane is full) is dropped with a log line."""
         try:
-            self._lane(result.job.reply_to).offer(result, done)
+            self._lane_for(result).offer(result, done)
             return
         except queue.Full:
             log.warning("dropped an answer: the lane to %s already holds %d answers", result.job.reply_to,
@@ -144,28 +161,50 @@ class Outbox:
         if done is not None:
             done()
 
-    def _lane(self, address: str) -> _Lane:
+    def _lane_for(self, result: JobResult) -> _Lane:
+        """The lane of the job's earlier parts, or of its address."""
+        job_id, last = result.job.job_id, result.header.is_last
         with self._lock:
-            lane = self._lane_of.get(address)
-            if lane is not None:
-                return lane
-            if len(self._lanes) >= self._max_lanes:
-                return self._lanes[hash(address) % self._max_lanes]
-            sender = self._spare or self._new_sender()
-            self._spare = None
-            lane = _Lane(
-                f"vision-send-{len(self._lanes)}", sender, self._max_queued, self._max_features,
-                self._transport.send_timeout_s,
-            )
-            self._lanes.append(lane)
-            self._lane_of[address] = lane
+            lane = self._lane_of_job.pop(job_id, None) if last else self._lane_of_job.get(job_id)
+            if lane is None:
+                lane = self._lane(result.job.reply_to)
+                if not last:
+                    self._lane_of_job[job_id] = lane
             return lane
+
+    def _lane(self, address: str) -> _Lane:
+        """Holds _lock."""
+        lane = self._lane_of.get(address)
+        if lane is not None:
+            return lane
+        if address not in self._verified:
+            if len(self._probation) < self._probation_lanes:
+                self._probation.append(self._new_lane(f"vision-send-probation-{len(self._probation)}"))
+            return self._probation[hash(address) % len(self._probation)]
+        if len(self._lanes) >= self._max_lanes:
+            return self._lanes[hash(address) % self._max_lanes]
+        lane = self._new_lane(f"vision-send-{len(self._lanes)}")
+        self._lanes.append(lane)
+        self._lane_of[address] = lane
+        return lane
+
+    def _new_lane(self, name: str) -> _Lane:
+        sender = self._spare or self._new_sender()
+        self._spare = None
+        return _Lane(name, sender, self._max_queued, self._max_features, self._transport.send_timeout_s,
+                     self._verify)
+
+    def _verify(self, address: str) -> None:
+        """From a lane: `address` took an answer."""
+        if address not in self._verified:
+            with self._lock:
+                self._verified.add(address)
 
     def close(self, timeout_s: float) -> None:
         """Send what is queued (within timeout_s in all), then stop the lanes. A lane still blocked
         in a send after that has its sender's shared memory freed from this thread."""
         with self._lock:
-            lanes = list(self._lanes)
+            lanes = self._lanes + self._probation
             spare, self._spare = self._spare, None
         if spare is not None:
             spare.close()

@@ -120,7 +120,7 @@ def test_a_gone_requester_holds_no_slot_and_its_answers_drain_quickly():
 
 
 def test_answers_with_rows_beyond_the_lanes_bound_become_resource_exhausted(receiver):
-    outbox = Outbox(TransportConfig(send_timeout_s=0.5), max_lanes=1, max_features=2)  # one lane for all
+    outbox = Outbox(TransportConfig(send_timeout_s=0.5), max_lanes=1, max_features=2, probation_lanes=1)  # one lane for all
     try:
         outbox.put(answer("stuck", GONE))  # the lane blocks on it for send_timeout_s, holding its rows
         assert wait_until(lambda: outbox._lane(GONE).items.empty(), TIMEOUT_S)
@@ -211,3 +211,28 @@ def test_an_error_answer_goes_out_without_a_payload(receiver):
         assert frame is not None and decode_header(frame.header).status == JobStatus.RESOURCE_EXHAUSTED
     finally:
         outbox.close(TIMEOUT_S)
+
+
+def test_a_hundred_dead_reply_addresses_do_not_delay_a_working_language_server(receiver):
+    import socket
+
+    from tests.conftest import free_ports
+
+    listener = socket.create_server(("127.0.0.1", 0))  # accepts, never speaks ZMQ: a handshake that never ends
+    dead = [f"tcp://127.0.0.1:{port}" for port in free_ports(50)]
+    dead += [f"tcp://127.0.0.1:{listener.getsockname()[1]}"] * 50
+    outbox = Outbox(TransportConfig(send_timeout_s=5.0))
+    try:
+        outbox.put(answer("first", receiver.address))  # the language server has taken an answer before
+        assert receiver.recv(TIMEOUT_S) is not None
+        for index, address in enumerate(dead):
+            outbox.put(answer(f"dead-{index}", address, rows=4))
+        started = time.monotonic()
+        outbox.put(answer("legit", receiver.address))
+        frame = receiver.recv(TIMEOUT_S)
+        took = time.monotonic() - started
+        assert frame is not None and decode_header(frame.header).job_id == "legit"
+        assert took < 1.0, f"the working language server's answer waited {took:.2f} s behind dead addresses"
+    finally:
+        outbox.close(0.5)
+        listener.close()
