@@ -10,7 +10,6 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 
 import grpc
@@ -19,6 +18,7 @@ import pytest
 from pipeline.client import DvDClient, image, message, sampling
 from pipeline.transport.shm_segments import PREFIX, SHM_DIR
 from tests.conftest import photo_bytes, port_overrides
+from tests.e2e.metrics import scrape
 from tests.e2e.test_launch import _launched, _lines, _pid_of, _read_until
 from tests.waiting import wait_until
 
@@ -56,12 +56,7 @@ def _load(address: str, kind: str, records: list[Record], stop: threading.Event)
 
 
 def _kv_blocks_used(overrides: dict) -> float:
-    url = f"http://127.0.0.1:{overrides['language.metrics_port']}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("dvd_kv_cache_used_blocks "):
-                return float(line.split()[-1])
-    raise AssertionError("no dvd_kv_cache_used_blocks on /metrics")
+    return scrape("127.0.0.1", overrides["language.metrics_port"], "dvd_kv_cache_used_blocks")
 
 
 def _segments() -> set[str]:

@@ -5,7 +5,6 @@ The tests of requests (not of the builtin pool's own mechanics) run on both lang
 from __future__ import annotations
 
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -15,6 +14,7 @@ import torch
 from pipeline.client import sampling
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import ENGINES, photo_bytes
+from tests.e2e.metrics import language_metric
 from tests.reference import Reference, img, text, to_messages
 
 MAX_NEW_TOKENS = 12
@@ -67,10 +67,7 @@ def drained(served, kv_pool_drains):
 
 def metric(deployment, series: str) -> float:
     """One series' value from the language server's /metrics."""
-    config = deployment.config.language
-    with urllib.request.urlopen(f"http://{config.host}:{config.metrics_port}/metrics", timeout=10) as response:
-        body = response.read().decode()
-    return next(float(line.split()[-1]) for line in body.splitlines() if line.startswith(series + " "))
+    return language_metric(deployment, series)
 
 
 def kv_blocks_used(deployment) -> float:

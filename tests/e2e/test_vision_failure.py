@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import time
-import urllib.request
 
 import grpc
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from pipeline.client import image, message, sampling
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import photo_bytes
+from tests.e2e.metrics import language_metric
 from tests.waiting import wait_until
 
 DETECTION_BOUND_S = 3.0
@@ -29,12 +29,7 @@ def _ask(name: str) -> pb.GenerateRequest:
 
 
 def _vision_jobs_inside(deployment) -> float:
-    lc = deployment.config.language
-    with urllib.request.urlopen(f"http://{lc.host}:{lc.metrics_port}/metrics", timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith('dvd_stage_occupancy{stage="vision"}'):
-                return float(line.split()[-1])
-    return 0.0
+    return language_metric(deployment, 'dvd_stage_occupancy{stage="vision"}', default=0.0)
 
 
 def _process(deployment, name: str):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-import urllib.request
 
 import pytest
 
@@ -14,6 +13,7 @@ from pipeline.client import DvDClient, image, message, sampling
 from pipeline.entrypoints.launch import wait_healthy
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import photo_bytes
+from tests.e2e.metrics import scrape
 
 REPLICA_TIMEOUT_S = 5.0
 PHOTOS = ("coffee", "chelsea", "rocket", "astronaut", "camera", "coins")
@@ -57,12 +57,7 @@ def _concurrently(client, names) -> dict[str, list[int]]:
 
 def _ok_jobs(deployment, replica: int) -> float:
     vc = deployment.config.vision
-    url = f"http://{vc.host}:{vc.metrics_port + replica}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith('dvd_vision_jobs_total{status="ok"}'):
-                return float(line.split()[-1])
-    return 0.0
+    return scrape(vc.host, vc.metrics_port + replica, 'dvd_vision_jobs_total{status="ok"}', default=0.0)
 
 
 def _process(deployment, name: str):
