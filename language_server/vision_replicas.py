@@ -30,6 +30,7 @@ from pipeline.config import DvDConfig
 from pipeline.errors import DeadlineExceeded, Unavailable
 from pipeline.wire import Features, JobStatus
 from pipeline.wire.channels import PushChannel
+from pipeline.wire.curve import deployment_keys
 
 log = logging.getLogger(__name__)
 DOWN_S = 10.0  # a replica that failed a job is skipped this long
@@ -76,12 +77,14 @@ class VisionReplicas:
         self.timeout_s = config.language.vision_timeout_s
         self.replica_timeout_s = config.vision.replica_timeout_s
         self._lock = threading.Lock()  # guards the replicas' outstanding tiles and down times
+        self._keys = deployment_keys(config.transport.auth, config.transport.curve_key_file)
         self.replicas = [self._connect(endpoint, _health_channel(config, i))
                          for i, endpoint in enumerate(config.vision_endpoints)]
 
     def _connect(self, endpoint: str, health: grpc.Channel | None) -> Replica:
         replica = Replica(endpoint, health)
-        replica.channel = PushChannel(f"tcp://{endpoint}", on_peer=lambda up: self._peer_changed(replica, up))
+        replica.channel = PushChannel(f"tcp://{endpoint}", on_peer=lambda up: self._peer_changed(replica, up),
+                                      keys=self._keys)
         return replica
 
     def _peer_changed(self, replica: Replica, up: bool) -> None:

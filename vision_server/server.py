@@ -24,6 +24,7 @@ from concurrent import futures
 import grpc
 
 from pipeline.wire.channels import PullChannel
+from pipeline.wire.curve import deployment_keys
 from pipeline.config import DvDConfig
 from pipeline.runtime.grpc_server import (
     SERVING, AdminService, DecodeErrorInterceptor, add_health_and_reflection, parameter_bytes, server_info,
@@ -53,7 +54,10 @@ class VisionServer:
         self.outbox = Outbox(config.transport, max_features=vc.max_queued_jobs)  # first: a bad transport fails fast
         self.worker = VisionWorker(config, replica, self.server_id)
         self.batcher = TileBatcher(vc.max_batch_tiles, vc.max_wait_ms)
-        self.jobs = PullChannel(f"tcp://{vc.host}:{vc.job_port + replica}", max_message_bytes=max_job_bytes(config))
+        keys = deployment_keys(config.transport.auth, config.transport.curve_key_file)
+        self.jobs = PullChannel(
+            f"tcp://{vc.host}:{vc.job_port + replica}", max_message_bytes=max_job_bytes(config), keys=keys
+        )
         self._admitted = 0
         self._admitted_lock = threading.Lock()
         self._stop = threading.Event()

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import yaml
 
-from pipeline.config.fields import ConfigError, build, distinct_ports, plain, same_host, set_dotted
+from pipeline.config.fields import ConfigError, build, distinct_ports, loopback, plain, same_host, set_dotted
 from pipeline.config.sections import ImageLimits, LanguageConfig, ModelConfig, TransportConfig, VideoLimits, VisionConfig
 from pipeline.config.vllm import VllmEngineConfig
 
@@ -63,6 +63,13 @@ class DvDConfig:
                 "language.threads: vLLM's CPU engine runs one thread per CPU it is bound to; "
                 "set language.cpus (or vllm.cpu_threads_bind) instead"
             )
+        if self.mode == "decoupled" and self.transport.auth == "none":
+            for key, host, port in (("vision.host", vc.host, "job"), ("language.host", lc.host, "feature")):
+                if not loopback(host):
+                    raise ValueError(
+                        f"{key}: {host!r} opens the {port} port beyond this host without authentication; "
+                        "set transport.auth: curve (CurveZMQ), or bind internal ports to 127.0.0.1"
+                    )
         if self.mode == "decoupled" and not lc.vision_servers and same_host(vc.host, lc.host):
             distinct_ports(
                 [(f"vision.{k}", p) for k, p in vc.endpoints()] + [(f"language.{k}", p) for k, p in lc.endpoints()], ""

@@ -152,6 +152,11 @@ def wildcard(host: str) -> bool:
     return host in _ANY_HOST
 
 
+def loopback(host: str) -> bool:
+    """An address only this machine reaches."""
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
+
+
 def same_host(a: str, b: str) -> bool:
     return a == b or wildcard(a) or wildcard(b)
 

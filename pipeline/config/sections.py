@@ -241,6 +241,8 @@ class TransportConfig:
     rdma_plugin: str = "UCX"  # nixl: the NIXL backend plugin (UCX, LIBFABRIC, ...)
     rdma_devices: str = ""  # nixl: UCX_NET_DEVICES, e.g. "mlx5_0:1"; empty = UCX chooses
     rdma_transports: str = ""  # nixl: UCX_TLS, e.g. "rc,sm,self" or "tcp"; empty = UCX chooses
+    auth: Literal["none", "curve"] = "none"  # curve: CurveZMQ on the job and feature sockets
+    curve_key_file: str = ""  # the deployment's secret key file; "" = the launcher makes one
 
     def check(self) -> None:
         if self.backend not in TRANSPORT_BACKENDS:

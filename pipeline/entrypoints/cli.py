@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     _tls_arguments(info)
 
     commands.add_parser("tiny", help="generate the tiny default model (both formats) and print its location")
+    keys = commands.add_parser("keys", help="make a CurveZMQ key pair for transport.auth: curve; prints the key file")
+    keys.add_argument("directory", help="where to write it (made private)")
 
     args = parser.parse_args(argv)
     try:
-        return {"serve": _serve, "chat": _chat, "info": _info, "tiny": _tiny}[args.command](args)
+        return {"serve": _serve, "chat": _chat, "info": _info, "tiny": _tiny, "keys": _keys}[args.command](args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -257,6 +259,13 @@ def _chat(args: argparse.Namespace) -> int:
 def _info(args: argparse.Namespace) -> int:
     with _connect(args) as client:
         print(client.model_info())
+    return 0
+
+
+def _keys(args: argparse.Namespace) -> int:
+    from pipeline.wire.curve import generate_keys
+
+    print(generate_keys(args.directory))
     return 0
 
 

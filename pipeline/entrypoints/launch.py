@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pipeline.config.fields import wildcard
 from pipeline.runtime.process import launched_env
 from pipeline.runtime.secrets import secret_env, split_secrets
 from pipeline.runtime.tls import TlsDial, client_identity_error
+from pipeline.wire.curve import launcher_key_file
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
 
 HEALTH_ATTEMPT_S = 1.0
@@ -177,6 +179,10 @@ class Deployment:
         self.config_path = str(config_path)
         self.overrides = dict(overrides or {})
         self.config: DvDConfig = load_config(self.config_path, self.overrides)
+        self.made_key_file = launcher_key_file(self.config.transport.auth, self.config.transport.curve_key_file)
+        if self.made_key_file is not None:  # a path on the servers' command lines; the file is private
+            self.overrides["transport.curve_key_file"] = str(self.made_key_file)
+            self.config = load_config(self.config_path, self.overrides)
         self.log_dir = Path(log_dir) if log_dir is not None else None
         self.env = {**os.environ, **(env or {})}
         self.launch_env = {**self.env, **secret_env(split_secrets(self.overrides)[1])}  # what servers start with
@@ -264,6 +270,8 @@ class Deployment:
         for server in reversed(self.servers):
             server.stop(timeout_s)
         _sweep_shm_segments()
+        if self.made_key_file is not None:
+            shutil.rmtree(self.made_key_file.parent, ignore_errors=True)
 
     def failed(self) -> ServerProcess | None:
         """A server that has exited, if any."""

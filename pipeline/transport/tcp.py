@@ -15,15 +15,18 @@ from pipeline.transport.base import (
     TransportBackend,
     TransportError,
 )
+from pipeline.wire.curve import CurveKeys, deployment_keys, secure_bound, secure_connecting
 
 MAX_SOCKETS = 64  # reply addresses a sender keeps a socket for; the least recently used is closed
 
 
 class TcpSender(FeatureSender):
     def __init__(
-        self, context: zmq.Context, send_timeout_s: float, high_water_mark: int, max_sockets: int = MAX_SOCKETS
+        self, context: zmq.Context, send_timeout_s: float, high_water_mark: int, max_sockets: int = MAX_SOCKETS,
+        keys: CurveKeys | None = None,
     ) -> None:
         self._context = context
+        self._keys = keys
         self._timeout_ms = int(send_timeout_s * 1000)
         self._hwm = high_water_mark
         self._max_sockets = max_sockets
@@ -40,6 +43,7 @@ class TcpSender(FeatureSender):
             sock.setsockopt(zmq.SNDTIMEO, self._timeout_ms)
             sock.setsockopt(zmq.IMMEDIATE, 1)  # never queue for a peer that is not connected
             sock.setsockopt(zmq.LINGER, 0)
+            secure_connecting(sock, self._keys)
             sock.connect(address)
         except BaseException:
             sock.close(linger=0)
@@ -71,9 +75,10 @@ class TcpSender(FeatureSender):
 class TcpReceiver(FeatureReceiver):
     def __init__(
         self, context: zmq.Context, host: str, port: int, high_water_mark: int,
-        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES, keys: CurveKeys | None = None,
     ) -> None:
         self._socket = context.socket(zmq.PULL)
+        secure_bound(self._socket, keys)
         self._socket.setsockopt(zmq.RCVHWM, high_water_mark)
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -100,7 +105,15 @@ class TcpReceiver(FeatureReceiver):
 
 class TcpBackend(TransportBackend):
     def sender(self) -> FeatureSender:
-        return TcpSender(zmq.Context.instance(), self.config.send_timeout_s, self.config.high_water_mark)
+        return TcpSender(zmq.Context.instance(), self.config.send_timeout_s, self.config.high_water_mark,
+                         keys=self._keys())
 
     def receiver(self, host: str, port: int, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES) -> FeatureReceiver:
-        return TcpReceiver(zmq.Context.instance(), host, port, self.config.high_water_mark, max_frame_bytes)
+        return TcpReceiver(zmq.Context.instance(), host, port, self.config.high_water_mark, max_frame_bytes,
+                           keys=self._keys())
+
+    def _keys(self) -> CurveKeys | None:
+        try:
+            return deployment_keys(self.config.auth, self.config.curve_key_file)
+        except RuntimeError as exc:
+            raise TransportError(str(exc)) from None

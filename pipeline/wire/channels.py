@@ -6,6 +6,7 @@ from typing import Callable
 
 import zmq
 
+from pipeline.wire.curve import CurveKeys, secure_bound, secure_connecting
 from pipeline.wire.peer_monitor import PeerMonitor
 
 
@@ -13,8 +14,11 @@ class PullChannel:
     """Binds a PULL socket and yields whole multipart messages; a peer that sends a frame larger
     than max_message_bytes is disconnected by ZMQ before the frame is buffered."""
 
-    def __init__(self, address: str, high_water_mark: int = 1024, max_message_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self, address: str, high_water_mark: int = 1024, max_message_bytes: int = 64 << 20, keys: CurveKeys | None = None,
+    ) -> None:
         self._socket = zmq.Context.instance().socket(zmq.PULL)
+        secure_bound(self._socket, keys)
         self._socket.setsockopt(zmq.RCVHWM, high_water_mark)
         self._socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._socket.setsockopt(zmq.LINGER, 0)
@@ -37,10 +41,11 @@ class PushChannel:
 
     def __init__(
         self, address: str, send_timeout_s: float = 1.0, high_water_mark: int = 1024,
-        on_peer: Callable[[bool], None] | None = None,
+        on_peer: Callable[[bool], None] | None = None, keys: CurveKeys | None = None,
     ) -> None:
         self.address = address
         self._socket = zmq.Context.instance().socket(zmq.PUSH)
+        secure_connecting(self._socket, keys)
         self._socket.setsockopt(zmq.SNDHWM, high_water_mark)
         self._socket.setsockopt(zmq.SNDTIMEO, int(send_timeout_s * 1000))
         self._socket.setsockopt(zmq.IMMEDIATE, 1)  # do not queue for a peer that is not connected

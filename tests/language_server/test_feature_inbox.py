@@ -22,12 +22,12 @@ HIDDEN = 16
 WAIT_S = 30.0
 
 
-def _config(**language):
+def _config(transport: dict | None = None, **language):
     raw: dict = {"language": dict(language), "vision": {}}
     for dotted, value in port_overrides().items():
         section, key = dotted.split(".")
         raw[section][key] = value
-    raw["transport"] = {"backend": "tcp"}
+    raw["transport"] = {"backend": "tcp", **(transport or {})}
     return config_from_dict(raw)
 
 
@@ -86,8 +86,12 @@ def test_the_feature_socket_refuses_frames_larger_than_any_answer():
 
 @pytest.mark.parametrize("feature_host, expected_host", [("", "127.0.0.1"), ("lang-1.internal", "lang-1.internal"),
                                                          ("fd00::5", "[fd00::5]")])
-def test_jobs_name_the_feature_host_with_the_bound_port(feature_host, expected_host):
-    config = _config(host="0.0.0.0" if feature_host else "127.0.0.1", feature_host=feature_host)
+def test_jobs_name_the_feature_host_with_the_bound_port(feature_host, expected_host, tmp_path):
+    from pipeline.wire.curve import generate_keys
+
+    # a wildcard bind opens the feature port beyond this host: only with CurveZMQ
+    transport = {"auth": "curve", "curve_key_file": str(generate_keys(tmp_path))} if feature_host else None
+    config = _config(transport, host="0.0.0.0" if feature_host else "127.0.0.1", feature_host=feature_host)
     client = VisionClient(config, hidden_size=HIDDEN)
     try:
         assert client.inbox.address == f"tcp://{expected_host}:{config.language.feature_port}"

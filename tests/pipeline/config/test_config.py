@@ -57,6 +57,10 @@ def test_configs_are_frozen():
         ({"language.host": "0.0.0.0", "language.vision_servers": ["vision-1:5610"]},
          "language.feature_host: host '0.0.0.0' binds every interface"),
         ({"language.feature_host": "0.0.0.0"}, "language.feature_host: must be an address vision servers can reach"),
+        ({"vision.host": "0.0.0.0"}, "vision.host: '0.0.0.0' opens the job port beyond this host without authentication; "
+                                     "set transport.auth: curve"),
+        ({"language.host": "10.1.2.3"}, "language.host: '10.1.2.3' opens the feature port beyond this host"),
+        ({"transport.auth": "tls"}, "transport.auth: 'tls' is not one of 'none', 'curve'"),
         ({"model.path": "https://huggingface.co/OpenGVLab/InternVL3_5-1B"}, "model.path: must be a local directory"),
         ({"images.use_thumbnail": "yes"}, "images.use_thumbnail: expected true or false"),
         ({"vision": 3}, "vision: expected a mapping"),
@@ -140,7 +144,7 @@ def test_missing_and_malformed_files(tmp_path):
         {"vision.metrics_port": 0, "language.metrics_port": 0},  # 0 switches metrics off, on both
         {"language.http_port": 0, "language.grpc_port": 8000},  # the HTTP API off frees its port
         {"vision.replicas": 2, "vision.job_port": 5610, "vision.grpc_port": 5612, "vision.metrics_port": 5614},
-        {"language.grpc_port": 50061, "language.host": "10.0.0.2"},  # vision on another host
+        {"language.grpc_port": 50061, "language.host": "10.0.0.2", "transport.auth": "curve"},  # vision on another host
         {"language.grpc_port": 50061, "language.vision_servers": ["vision-host:5610"]},  # no local vision server
         {"mode": "colocated", "vision.job_port": 50051},  # colocated binds no vision port
         {"language.num_kv_blocks": 512},  # 512 x 16 = max_model_len
