@@ -77,6 +77,9 @@ class _Lane:
             self._sent(result)
             raise
 
+    def skips(self, address: str) -> bool:
+        return self._dead_until.get(address, 0.0) > time.monotonic()
+
     def _sent(self, result: JobResult) -> None:
         if result.rows is not None:
             with self._features_lock:
@@ -105,7 +108,7 @@ class _Lane:
             metrics.JOBS.labels("undelivered").inc()
             return
         now = time.monotonic()
-        if self._dead_until.get(address, 0.0) > now:
+        if self.skips(address):
             log.warning("dropped an answer: %s did not take the last one in time", address,
                         extra={"job_id": result.job.job_id})
             metrics.JOBS.labels("undelivered").inc()
@@ -160,6 +163,15 @@ class Outbox:
         metrics.JOBS.labels("undelivered").inc()
         if done is not None:
             done()
+
+    def unreachable(self, address: str) -> bool:
+        """True while `address` is skipped for not taking its last answer in time: a job that
+        names it as its reply address is not worth encoding."""
+        with self._lock:
+            lane = self._lane_of.get(address)
+            if lane is None and address not in self._verified and self._probation:
+                lane = self._probation[hash(address) % len(self._probation)]
+        return lane is not None and lane.skips(address)
 
     def _lane_for(self, result: JobResult) -> _Lane:
         """The lane of the job's earlier parts, or of its address."""

@@ -115,6 +115,11 @@ class VisionServer:
             log.warning("dropped an undecodable job: %s", exc)
             metrics.JOBS.labels("undecodable").inc()
             return
+        if self.outbox.unreachable(job.reply_to):
+            log.warning("dropped a job: its reply address %s did not take its last answer in time", job.reply_to,
+                        extra={"job_id": job.job_id})
+            metrics.JOBS.labels("undelivered").inc()
+            return
         limit = self.config.vision.max_queued_jobs
         with self._admitted_lock:
             admitted = self._admitted < limit

@@ -236,3 +236,24 @@ def test_a_hundred_dead_reply_addresses_do_not_delay_a_working_language_server(r
     finally:
         outbox.close(0.5)
         listener.close()
+
+
+def test_a_job_whose_reply_address_did_not_take_its_last_answer_is_dropped_before_any_work(receiver):
+    outbox = Outbox(TransportConfig(send_timeout_s=0.3))
+    submitted = []
+    server = types.SimpleNamespace(
+        outbox=outbox, config=types.SimpleNamespace(vision=types.SimpleNamespace(max_queued_jobs=8)),
+        _admitted_lock=threading.Lock(), _admitted=0, server_id="vision-test", _prepare=None,
+        worker=types.SimpleNamespace(pool=types.SimpleNamespace(submit=lambda *args: submitted.append(args[1]))),
+    )
+    try:
+        assert not outbox.unreachable(GONE)
+        outbox.put(answer("lost", GONE))
+        assert wait_until(lambda: outbox.unreachable(GONE), TIMEOUT_S)  # its send timed out
+        outbox.put(answer("first", receiver.address))
+        assert receiver.recv(TIMEOUT_S) is not None and not outbox.unreachable(receiver.address)
+        for name, reply_to in (("to-gone", GONE), ("to-receiver", receiver.address)):
+            VisionServer._admit(server, [job(name, reply_to).encode()], time.monotonic())
+        assert [j.job_id for j in submitted] == ["to-receiver"]  # nothing was decoded or encoded for the other
+    finally:
+        outbox.close(TIMEOUT_S)
