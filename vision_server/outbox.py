@@ -190,8 +190,8 @@ class Outbox:
         if lane is not None:
             return lane
         if address not in self._verified:
-            if len(self._probation) < self._probation_lanes:
-                self._probation.append(self._new_lane(f"vision-send-probation-{len(self._probation)}"))
+            if not self._probation:  # all at once: an address keeps its probation lane (and what it knows of it)
+                self._probation = [self._new_lane(f"vision-send-probation-{i}") for i in range(self._probation_lanes)]
             return self._probation[hash(address) % len(self._probation)]
         if len(self._lanes) >= self._max_lanes:
             return self._lanes[hash(address) % self._max_lanes]
