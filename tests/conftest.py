@@ -163,3 +163,13 @@ def client_for() -> Iterator[Callable[..., Any]]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def reference_fp32(tiny_dirs):
+    """transformers' own InternVL on the tiny model (HF-native), float32: the reference for tokens."""
+    import torch
+
+    from tests.reference import Reference
+
+    return Reference(tiny_dirs["hf"], torch.float32, TEST_DEVICE)

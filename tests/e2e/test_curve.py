@@ -4,16 +4,15 @@ transformers computes, and a process without them cannot get a job encoded by th
 from __future__ import annotations
 
 import pytest
-import torch
 
 from pipeline.client import sampling
 from pipeline.transport import create_backend
 from pipeline.wire import VisionJob, decode_header
 from pipeline.wire.channels import PushChannel
 from pipeline.wire.curve import load_keys
-from tests.conftest import TEST_DEVICE, photo_bytes
+from tests.conftest import photo_bytes
 from tests.e2e.test_equivalence import CASES, MAX_NEW_TOKENS
-from tests.reference import Reference, to_messages
+from tests.reference import to_messages
 
 TIMEOUT_S = 60.0
 REFUSED_S = 2.0
@@ -23,11 +22,6 @@ REFUSED_S = 2.0
 def curve_deployment(start_deployment):
     return start_deployment({"vision.dtype": "float32", "language.dtype": "float32", "transport.auth": "curve",
                              "transport.backend": "shm"}, name="curve")
-
-
-@pytest.fixture(scope="module")
-def reference_fp32(tiny_dirs) -> Reference:
-    return Reference(tiny_dirs["hf"], torch.float32, TEST_DEVICE)
 
 
 @pytest.mark.parametrize("case", list(CASES))

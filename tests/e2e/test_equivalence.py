@@ -31,11 +31,6 @@ def conversations() -> dict[str, list[dict]]:
 CASES = conversations()
 
 
-@pytest.fixture(scope="module")
-def reference_fp32(tiny_dirs) -> Reference:
-    return Reference(tiny_dirs["hf"], torch.float32, TEST_DEVICE)
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_greedy_tokens_equal_transformers_generate(case, fp32_deployment, client_for, reference_fp32):
     conversation = CASES[case]
