@@ -185,7 +185,26 @@ def llm_text_config(llm_config: dict) -> PreTrainedConfig:
     model_type = llm.pop("model_type", None)
     if model_type is None:
         raise ValueError("llm_config has no model_type")
+    if model_type in ("internlm3", "internlm2"):
+        model_type, llm = "llama", _internlm_as_llama(model_type, llm)
     return AutoConfig.for_model(model_type, **llm)
+
+
+def _internlm_as_llama(model_type: str, llm: dict) -> dict:
+    """InternLM2/3 settings as a llama config, as transformers' InternVL conversion treats them
+    (transformers has no InternLM class of its own)."""
+    qkv_bias = llm.pop("qkv_bias", llm.get("bias", False))
+    bias = llm.pop("bias", False)
+    if model_type == "internlm3" and qkv_bias != bias:
+        raise ValueError(f"internlm3 llm_config: qkv_bias {qkv_bias} and bias {bias} differ, which a llama-type "
+                         "model cannot express")
+    scaling = dict(llm.pop("rope_scaling", None) or {})
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    rope = {**scaling, "rope_type": rope_type, "rope_theta": llm.pop("rope_theta", 10000.0)}
+    for key in ("auto_map", "attn_implementation", "architectures"):
+        llm.pop(key, None)
+    return {**llm, "architectures": ["LlamaForCausalLM"], "attention_bias": bias, "mlp_bias": bias,
+            "rope_parameters": rope}
 
 
 def detect_format(raw_config: dict) -> Format | None:

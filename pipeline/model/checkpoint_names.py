@@ -139,7 +139,8 @@ _RENAMERS: dict[tuple[Format, Part], Renamer] = {
 
 
 def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename an HF-native InternVL state dict (transformers 5.x names) to the original format.
+    """Rename an HF-native InternVL state dict (transformers 5.x module names, or the names
+    `save_pretrained` writes) to the original format.
 
     The inverse of the loaders' renaming: q/k/v projections are fused into `attn.qkv`.
     """
@@ -147,6 +148,10 @@ def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     qkv = re.compile(r"^encoder\.layer\.(\d+)\.attention\.([qkv])_proj\.(weight|bias)$")
     fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for name, tensor in state_dict.items():
+        if name.startswith(("vision_tower.", "multi_modal_projector.")):
+            name = "model." + name
+        elif name.startswith("language_model.model."):
+            name = "model.language_model." + name[len("language_model.model.") :]
         if name.startswith("model.vision_tower."):
             inner = name[len("model.vision_tower.") :]
             match = qkv.match(inner)

@@ -16,11 +16,15 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from pipeline.model.tiny_processors import IMG_CONTEXT_ID, build_image_processor, build_tokenizer
+from pipeline.model.tiny_processors import build_image_processor, build_tokenizer
 from pipeline.model.tiny_weights import build_model
+
+if TYPE_CHECKING:
+    from pipeline.model.families import Family
 
 TINY_VERSION = 5  # 4: unlabelled images in the chat template; 5: head_dim 32 (vLLM's CPU attention has no 16)
 FORMATS = ("hf", "original", "flash")
@@ -44,8 +48,10 @@ def random_model_dir(
     formats: tuple[str, ...] = FORMATS,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    family: Family | None = None,
 ) -> Path:
-    """A random InternVL checkpoint generated once into the cache (file-locked, written atomically).
+    """A random InternVL checkpoint generated once into the cache (file-locked, written atomically);
+    a `family` (pipeline/model/families.py) gives its configs, tokenizer and formats.
     `device` draws the weights there: a GPU generates an 8B model in seconds, but its draws differ
     from the CPU's, so the cached weights depend on where they were first generated."""
     root = cache_root() / name
@@ -57,8 +63,10 @@ def random_model_dir(
             if not done.exists():
                 staging = root.with_name(root.name + ".tmp")
                 shutil.rmtree(staging, ignore_errors=True)
+                if family is not None:
+                    vision_config, text_config, formats = family.vision_config, family.text_config, family.formats
                 generate(staging, vision_config=vision_config, text_config=text_config, formats=formats, dtype=dtype,
-                         device=device)
+                         device=device, family=family)
                 shutil.rmtree(root, ignore_errors=True)
                 staging.rename(root)
                 (root / ".complete").touch()
@@ -73,40 +81,55 @@ def generate(
     formats: tuple[str, ...] = FORMATS,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    family: Family | None = None,
 ) -> None:
-    """Write a random model in HF-native (root/hf), original (root/original) and Flash (root/flash) formats."""
-    from safetensors.torch import save_file
+    """Write a random model in HF-native (root/hf), original (root/original) and Flash (root/flash) formats.
+
+    The original-format tensors are renamed from the HF-native files as `save_pretrained` wrote
+    them, so both hold what checkpoints on disk hold (experts stored one by one, tied embeddings once).
+    """
+    from safetensors.torch import load_file, save_file
 
     from pipeline.model.checkpoint_names import hf_to_original
     from pipeline.model.tiny_flash import write_flash
 
-    tokenizer = build_tokenizer()
-    model = build_model(seed, vision_config, text_config, dtype, device).to("cpu")
+    tokenizer = family.tokenizer() if family is not None else build_tokenizer()
+    image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
+    model = build_model(seed, vision_config, text_config, dtype, device, image_token_id).to("cpu")
     if torch.device(device).type == "cuda":
         torch.cuda.empty_cache()  # the caller (a benchmark) goes on to start servers on this GPU
     root.mkdir(parents=True)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if "hf" in formats:
-        hf_dir = root / "hf"
-        model.generation_config.eos_token_id = [151645, 151643]
-        model.generation_config.pad_token_id = 151643
-        model.save_pretrained(hf_dir, safe_serialization=True)
-        tokenizer.save_pretrained(hf_dir)
-        build_image_processor().save_pretrained(hf_dir)
+    hf_dir = root / "hf"
+    im_end, end_of_text = tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.pad_token_id
+    model.generation_config.eos_token_id = [im_end] + ([end_of_text] if end_of_text is not None else [])
+    model.generation_config.pad_token_id = end_of_text
+    model.save_pretrained(hf_dir, safe_serialization=True)
+    tokenizer.save_pretrained(hf_dir)
+    build_image_processor().save_pretrained(hf_dir)
+    tensors = {}
+    for file in sorted(hf_dir.glob("*.safetensors")):
+        tensors.update(load_file(file))
+    original_tensors = hf_to_original(tensors)
+    del tensors
+    original_config = _original_config(model.config, family)
     if "original" in formats:
         original_dir = root / "original"
         original_dir.mkdir()
-        save_file(hf_to_original(state), original_dir / "model.safetensors", metadata={"format": "pt"})
+        save_file(original_tensors, original_dir / "model.safetensors", metadata={"format": "pt"})
         tokenizer.save_pretrained(original_dir)
-        (original_dir / "config.json").write_text(json.dumps(_original_config(model.config), indent=2))
+        (original_dir / "config.json").write_text(json.dumps(original_config, indent=2))
     if "flash" in formats:
-        write_flash(root / "flash", hf_to_original(state), _original_config(model.config), tokenizer, seed)
+        write_flash(root / "flash", original_tensors, original_config, tokenizer, seed)
+    if "hf" not in formats:
+        shutil.rmtree(hf_dir)
 
 
-def _original_config(config) -> dict:
+def _original_config(config, family: Family | None = None) -> dict:
     """config.json of the original (InternVLChatModel) format for the same model."""
     vc = config.vision_config
     llm = config.text_config.to_dict()
+    if family is not None:
+        llm = family.original_llm_config(llm)
     return {
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",
@@ -120,7 +143,7 @@ def _original_config(config) -> dict:
         "select_layer": -1,
         "template": "internvl2_5",
         "use_thumbnail": True,
-        "img_context_token_id": IMG_CONTEXT_ID,
+        "img_context_token_id": config.image_token_id,
         "vision_config": {
             "architectures": ["InternVisionModel"],
             "model_type": "intern_vit_6b",

@@ -45,20 +45,23 @@ TEXT_CONFIG = {
 }
 
 
-def internvl_config(vision_config: dict | None = None, text_config: dict | None = None):
+def internvl_config(
+    vision_config: dict | None = None, text_config: dict | None = None, image_token_id: int = IMG_CONTEXT_ID
+):
     """The transformers InternVLConfig of a generated model (tiny by default)."""
     from transformers import InternVLConfig
 
+    text_config = text_config or TEXT_CONFIG
     return InternVLConfig(
         vision_config=vision_config or VISION_CONFIG,
-        text_config=text_config or TEXT_CONFIG,
-        image_token_id=IMG_CONTEXT_ID,
+        text_config=text_config,
+        image_token_id=image_token_id,
         image_seq_length=256,
         downsample_ratio=0.5,
         projector_hidden_act="gelu",
         vision_feature_layer=-1,
         vision_feature_select_strategy="default",
-        tie_word_embeddings=False,
+        tie_word_embeddings=text_config.get("tie_word_embeddings", False),
     )
 
 
@@ -68,12 +71,13 @@ def build_model(
     text_config: dict | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    image_token_id: int = IMG_CONTEXT_ID,
 ):
     """A random InternVLForConditionalGeneration (tiny by default) with weights that make images matter,
     allocated in `dtype` on `device` (the values are drawn in float32 either way, by `device`'s generator)."""
     from transformers import InternVLForConditionalGeneration
 
-    config = internvl_config(vision_config, text_config)
+    config = internvl_config(vision_config, text_config, image_token_id)
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -103,5 +107,6 @@ def _init_value(name: str, param: torch.Tensor, generator: torch.Generator) -> t
         return torch.randn(shape, generator=generator)
     if "position_embeddings" in name or "cls_token" in name:
         return torch.randn(shape, generator=generator) * 0.5
-    fan_in = param[0].numel()
+    # experts stacked [experts, out, in] or [experts, in, out]: the smaller side is the fan-in here
+    fan_in = min(shape[1:]) if param.dim() == 3 else param[0].numel()
     return torch.randn(shape, generator=generator) * (1.6 / fan_in**0.5)
