@@ -39,7 +39,7 @@ class LanguageModel(nn.Module):
     ) -> tuple[LanguageModel, list[str]]:
         """Load only the LLM tensors; returns the model and the names read."""
         text_config = checkpoint.text_config
-        text_config._attn_implementation = "sdpa"
+        text_config._attn_implementation = "sdpa" if _supports_sdpa(text_config) else "eager"  # the engine replaces it
         part = checkpoint.read_part("llm")
         tied = "lm_head.weight" not in part.tensors
         if tied and not getattr(text_config, "tie_word_embeddings", False):
@@ -55,3 +55,9 @@ class LanguageModel(nn.Module):
             lm.lm_head.weight = lm.get_input_embeddings().weight
         image_token_id = checkpoint.internvl_config.image_token_id
         return cls(lm, image_token_id), sorted(part.source_names)
+
+
+def _supports_sdpa(text_config) -> bool:  # noqa: ANN001 - any transformers text config
+    """Whether transformers builds this LLM class with SDPA attention (GPT-OSS, for one, refuses it)."""
+    model_class = AutoModelForCausalLM._model_mapping.get(type(text_config), None)
+    return bool(getattr(model_class, "_supports_sdpa", False))

@@ -38,27 +38,39 @@ def paged_attention(
     """The `AttentionInterface` entry: [1, heads, T, head_dim] q, k, v -> [1, T, heads, head_dim]."""
     if attention_metadata is None:
         raise RuntimeError(f"'{PAGED_ATTENTION}' attention runs only inside the engine (no attention_metadata given)")
-    if sliding_window is not None:
-        raise ValueError("the paged engine does not support sliding-window attention layers")
     meta = attention_metadata
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
     meta.kv_cache.write(module.layer_idx, meta.slot_mapping, key, value)
-    out = meta.backend.attend(query, key, value, module.layer_idx, meta, scaling)
+    sinks = kwargs.get("s_aux")  # GPT-OSS's attention sinks
+    if sliding_window is None and sinks is None:
+        out = meta.backend.attend(query, key, value, module.layer_idx, meta, scaling)
+    else:
+        out = meta.backend.attend(query, key, value, module.layer_idx, meta, scaling, sliding_window, sinks)
     return out.unsqueeze(0), None
 
 
 AttentionInterface.register(PAGED_ATTENTION, paged_attention)
 
 
+_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
 def unsupported_features(config) -> list[str]:  # noqa: ANN001 - any transformers text config
     """What an LLM's config asks of attention that the paged engine cannot do (empty: it can run it)."""
-    missing = []
-    layer_types = getattr(config, "layer_types", None) or []
-    if any(kind != "full_attention" for kind in layer_types) or getattr(config, "use_sliding_window", False):
-        missing.append(f"sliding-window attention layers (layer types {sorted(set(layer_types))})")
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if layer_types - _LAYER_TYPES:
+        return [f"{', '.join(sorted(layer_types - _LAYER_TYPES))} layers"]
+    return []
+
+
+def windows_or_sinks(config) -> list[str]:  # noqa: ANN001 - any transformers text config
+    """The attention features beyond full causal attention that an LLM uses (the SDPA backend runs them)."""
+    used = []
+    if "sliding_attention" in (getattr(config, "layer_types", None) or []) or getattr(config, "use_sliding_window", False):
+        used.append("sliding-window layers")
     if getattr(config, "model_type", "") == "gpt_oss":
-        missing.append("attention sinks")
-    return missing
+        used.append("attention sinks")
+    return used
 
 
 def use_paged_attention(causal_lm: nn.Module) -> None:
@@ -71,11 +83,14 @@ def use_paged_attention(causal_lm: nn.Module) -> None:
         raise ValueError(f"{type(causal_lm).__name__} does not let the engine set its attention implementation")
 
 
-def select_backend(name: str, device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """`sdpa`, `flash_attn`, or for `auto` flash-attn where it can run (importable, CUDA, 16-bit) else SDPA."""
+def select_backend(name: str, device: torch.device, dtype: torch.dtype, features: list[str] = ()) -> AttentionBackend:
+    """`sdpa`, `flash_attn`, or for `auto` flash-attn where it can run (importable, CUDA, 16-bit, none of
+    `features` from `windows_or_sinks`) else SDPA."""
     if name == "sdpa":
         return SdpaBackend()
-    flash_fits = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16)
+    flash_fits = device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and not features
+    if name == "flash_attn" and features:
+        raise ValueError(f"attn_backend: flash_attn does not run {' and '.join(features)} here; use sdpa or auto")
     if name == "flash_attn":
         if not flash_attn_available():
             raise ValueError("attn_backend: flash_attn is not importable here (install the 'gpu' extra)")

@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 
 from language_server.engine import cpu_linear
-from language_server.engine.attention import select_backend, use_paged_attention
+from language_server.engine.attention import select_backend, use_paged_attention, windows_or_sinks
 from language_server.engine.block_manager import BlockManager
 from language_server.engine.kv_cache import KVCache, KVCacheSpec, plan_num_blocks
 from language_server.engine.model_runner import ModelRunner
@@ -47,7 +47,7 @@ class Engine:
         num_blocks = plan_num_blocks(config, spec, model.device)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.kv_cache = KVCache(spec, num_blocks, config.block_size, model.device)
-        self.backend = select_backend(config.attn_backend, model.device, model.dtype)
+        self.backend = select_backend(config.attn_backend, model.device, model.dtype, windows_or_sinks(model.config))
         use_paged_attention(model.causal_lm)
         fast_linear = config.linear_kernel == "auto" and cpu_linear.install(model.causal_lm) > 0
         self.runner = ModelRunner(model, self.kv_cache, self.backend, fast_linear)

@@ -1,8 +1,13 @@
-"""Paged attention with torch's scaled_dot_product_attention (CPU and GPU)."""
+"""Paged attention with torch's scaled_dot_product_attention (CPU and GPU).
+
+Sliding-window layers (a query at position i sees keys j with i - window < j <= i, as transformers
+masks them) get a banded mask; layers with attention sinks (GPT-OSS: one learned logit per head
+that joins every softmax and is then dropped) run the same masks through `sink_attention`.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +38,9 @@ class PrefillSlice:
 class SdpaPlan:
     decode: DecodeGroup | None
     prefills: list[PrefillSlice]
+    decode_lengths: list[int] = field(default_factory=list)
+    prefill_contexts: list[int] = field(default_factory=list)
+    windowed: dict[int, tuple] = field(default_factory=dict)  # window -> (decode mask, prefill masks)
 
 
 class SdpaBackend:
@@ -59,7 +67,26 @@ class SdpaBackend:
             rows = torch.arange(n, device=device).unsqueeze(1)
             cols = torch.arange(context, device=device).unsqueeze(0)
             prefills.append(PrefillSlice(meta.query_start[i], n, meta.context_slots[i], cols <= rows + prefix))
-        return SdpaPlan(self._decode_group(meta, decode_ids, device), prefills)
+        return SdpaPlan(
+            self._decode_group(meta, decode_ids, device), prefills, [meta.context_lens[i] for i in decode_ids],
+            [meta.context_lens[i] for i, n in enumerate(meta.query_lens) if n != 1],
+        )
+
+    def _window_masks(self, plan: SdpaPlan, window: int, device: torch.device) -> tuple:
+        """The decode group's and each prefill slice's masks for a sliding-window layer (once per step)."""
+        if window not in plan.windowed:
+            decode_mask = None
+            if plan.decode is not None:
+                lengths = torch.tensor(plan.decode_lengths, device=device).unsqueeze(1)
+                cols = torch.arange(plan.decode.slots.shape[1], device=device).unsqueeze(0)
+                decode_mask = ((cols < lengths) & (cols >= lengths - window))[:, None, None, :]
+            prefill_masks = []
+            for part, context in zip(plan.prefills, plan.prefill_contexts):
+                rows = torch.arange(part.length, device=device).unsqueeze(1) + (context - part.length)
+                cols = torch.arange(context, device=device).unsqueeze(0)
+                prefill_masks.append((cols <= rows) & (cols > rows - window))
+            plan.windowed[window] = (decode_mask, prefill_masks)
+        return plan.windowed[window]
 
     def _decode_group(self, meta: AttentionMetadata, ids: list[int], device: torch.device) -> DecodeGroup | None:
         if not ids:
@@ -78,15 +105,24 @@ class SdpaBackend:
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-        meta: AttentionMetadata, scaling: float,
+        meta: AttentionMetadata, scaling: float, sliding_window: int | None = None, sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         plan: SdpaPlan = meta.plan
         out = torch.empty_like(query)
+        decode_mask = plan.decode.mask if plan.decode is not None else None
+        prefill_masks = [part.mask for part in plan.prefills]
+        if sliding_window is not None:
+            decode_mask, prefill_masks = self._window_masks(plan, sliding_window, query.device)
         if plan.decode is not None:
             group = plan.decode
             keys, values = meta.kv_cache.read(layer, group.slots)  # [B, L, kv_heads, D]
-            out[group.rows] = decode_sdpa(query[group.rows], keys, values, group.mask, scaling).to(out.dtype)
-        for part in plan.prefills:
+            if sinks is None:
+                attended = decode_sdpa(query[group.rows], keys, values, decode_mask, scaling)
+            else:
+                k, v = (t.transpose(1, 2) for t in (keys, values))
+                attended = sink_attention(query[group.rows].unsqueeze(2), k, v, decode_mask, sinks, scaling)[:, :, 0]
+            out[group.rows] = attended.to(out.dtype)
+        for part, mask in zip(plan.prefills, prefill_masks):
             rows = slice(part.start, part.start + part.length)
             if part.slots is None:
                 k, v = key[rows], value[rows]
@@ -94,7 +130,12 @@ class SdpaBackend:
                 k, v = meta.kv_cache.read(layer, part.slots)
             q = query[rows].transpose(0, 1).unsqueeze(0)
             k, v = (t.transpose(0, 1).unsqueeze(0) for t in (k, v))
-            attended = _sdpa(q, k, v, part.mask, part.mask is None, scaling)
+            if sinks is None:
+                attended = _sdpa(q, k, v, mask, mask is None, scaling)
+            else:
+                if mask is None:
+                    mask = torch.ones(part.length, part.length, dtype=torch.bool, device=q.device).tril()
+                attended = sink_attention(q, k, v, mask, sinks, scaling)
             out[rows] = attended[0].transpose(0, 1).to(out.dtype)
         return out
 
@@ -114,6 +155,22 @@ def decode_sdpa(
     k, v = (t.transpose(1, 2).to(q.dtype) for t in (k, v))
     attended = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scaling)
     return attended.reshape(batch, heads, dim)
+
+
+def sink_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, sinks: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention with one sink logit per head: [B, heads, Lq, D] x [B, kv_heads, Lk, D] -> [B, heads, Lq, D].
+    `mask` (True = attend) broadcasts to [B, heads, Lq, Lk]."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = (t.to(q.dtype).repeat_interleave(groups, dim=1) for t in (k, v))
+    scores = torch.matmul(q, k.transpose(2, 3)) * scaling
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(scores.dtype).reshape(1, -1, 1, 1).expand(*scores.shape[:3], 1)
+    logits = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return torch.matmul(probs, v)
 
 
 def _sdpa(

@@ -111,10 +111,16 @@ FAMILIES: dict[str, Family] = {
 assert all(f.text_config["vocab_size"] in (VOCAB_SIZE, INTERNLM_VOCAB_SIZE) for f in FAMILIES.values())
 
 
+# The embedded tiny model (pipeline/model/tiny_model.py) is this family's checkpoint.
+TINY_FAMILY = "internvl3_5-dense"
+
+
 def family_dir(name: str) -> Path:
     """The generated checkpoints of one family: `<dir>/hf`, `<dir>/original` (and `<dir>/flash`)."""
-    from pipeline.model.tiny_model import random_model_dir
+    from pipeline.model.tiny_model import random_model_dir, tiny_model_dir
 
     if name not in FAMILIES:
         raise ValueError(f"unknown family {name!r}; families: {', '.join(FAMILIES)}")
+    if name == TINY_FAMILY:
+        return tiny_model_dir("hf").parent
     return random_model_dir(f"family-{name}-v{FAMILY_VERSION}", family=FAMILIES[name])

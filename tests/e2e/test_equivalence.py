@@ -70,10 +70,8 @@ def test_different_photos_give_different_answers(fp32_deployment, client_for):
     assert answers["astronaut"] != answers["chelsea"]
 
 
-def test_both_checkpoint_formats_give_identical_tokens(start_deployment, fp32_deployment, client_for):
-    original = start_deployment(
-        {"model.format": "original", "vision.dtype": "float32", "language.dtype": "float32"}, name="original"
-    )
+def test_both_checkpoint_formats_give_identical_tokens(original_fp32_deployment, fp32_deployment, client_for):
+    original = original_fp32_deployment
     for case in ("single_image", "two_turns"):
         messages = to_messages(CASES[case])
         params = sampling(max_new_tokens=MAX_NEW_TOKENS)

@@ -1,8 +1,8 @@
 """The conformance matrix: every published InternVL3 / InternVL3.5 family (pipeline/model/families.py),
 in both checkpoint formats, through the two real server processes on each engine, gives the greedy
 tokens of transformers' `InternVLForConditionalGeneration.generate` in float32 for one image, two
-images and text only. Where an engine cannot serve a family, start-up fails at once with a message
-naming the family, what is missing and the engine that can.
+images and text only. (An LLM whose layers the builtin engine cannot run is refused at start-up:
+tests/language_server/test_engine_families.py.)
 
 One family: `pytest tests/e2e/test_families.py -k internvl3-9b`. The tokenizers of InternVL3-9B
 and InternVL3.5-20B-A4B are stand-ins (pipeline/model/tiny_processors.py): no registry package
@@ -12,28 +12,24 @@ ships their vocabularies.
 from __future__ import annotations
 
 import gc
-import re
-import time
 
 import pytest
 import torch
 
 from pipeline.client import sampling
-from pipeline.entrypoints.launch import Deployment, LaunchError
-from pipeline.model.families import FAMILIES, family_dir
-from tests.conftest import TINY_CONFIG, VLLM_ENGINE, port_overrides, requires_vllm
+from pipeline.entrypoints.launch import Deployment
+from pipeline.model.families import FAMILIES, TINY_FAMILY, family_dir
+from tests.conftest import FP32, TINY_CONFIG, VLLM_ENGINE, port_overrides, requires_vllm
 from tests.e2e.test_equivalence import CASES
 from tests.reference import Reference, to_messages
 
 MAX_NEW_TOKENS = 8
 CONFORMANCE_CASES = ("single_image", "two_images", "text_only")
-FP32 = {"vision.dtype": "float32", "language.dtype": "float32"}
 ENGINE_OVERRIDES = {"builtin": {}, "vllm": VLLM_ENGINE}
-# (family, engine) -> what start-up must say instead of serving
-REFUSED = {
-    ("internvl3_5-20b-a4b", "builtin"): r"cannot serve a gpt_oss LLM \(sliding-window attention layers .* and "
-                                        r"attention sinks are not supported\); serve this model with "
-                                        r"language.engine: vllm",
+# The tiny model is TINY_FAMILY's checkpoint: its cells use the session's shared deployments.
+SHARED = {
+    ("hf", "builtin"): "fp32_deployment", ("original", "builtin"): "original_fp32_deployment",
+    ("hf", "vllm"): "vllm_deployment", ("original", "vllm"): "original_vllm_deployment",
 }
 
 
@@ -60,26 +56,22 @@ def reference_tokens(family: str) -> dict[str, list[int]]:
     return _references[family]
 
 
+def _answers(deployment: Deployment) -> dict[str, list[int]]:
+    from pipeline.client import DvDClient
+
+    with DvDClient(deployment.address, timeout_s=120) as client:
+        params = sampling(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
+        return {case: list(client.generate(to_messages(CASES[case]), params).token_ids) for case in CONFORMANCE_CASES}
+
+
 @pytest.mark.parametrize(("family", "fmt", "engine"), _cells())
-def test_family_serves_transformers_tokens(family, fmt, engine, tmp_path):
+def test_family_serves_transformers_tokens(family, fmt, engine, tmp_path, request):
+    if family == TINY_FAMILY:
+        assert _answers(request.getfixturevalue(SHARED[(fmt, engine)])) == reference_tokens(family)
+        return
     model_dir = family_dir(family) / fmt
     overrides = {**port_overrides(), **FP32, **ENGINE_OVERRIDES[engine], "model.path": str(model_dir)}
     deployment = Deployment(TINY_CONFIG, overrides, log_dir=tmp_path)
-    refusal = REFUSED.get((family, engine))
-    started = time.monotonic()
-    if refusal is not None:
-        with pytest.raises(LaunchError) as failure:
-            deployment.start(timeout_s=300)
-        assert str(failure.value).startswith("language: ")
-        assert re.search(refusal, str(failure.value)), str(failure.value)
-        assert time.monotonic() - started < 120  # at once: before any weight loads, not at a timeout
-        return
     expected = reference_tokens(family)
-    from pipeline.client import DvDClient
-
-    with deployment, DvDClient(deployment.address, timeout_s=120) as client:
-        for case in CONFORMANCE_CASES:
-            result = client.generate(
-                to_messages(CASES[case]), sampling(max_new_tokens=MAX_NEW_TOKENS, temperature=0.0)
-            )
-            assert list(result.token_ids) == expected[case], case
+    with deployment:
+        assert _answers(deployment) == expected

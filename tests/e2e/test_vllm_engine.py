@@ -1,6 +1,6 @@
 """language.engine: vllm through the two real server processes: the same greedy tokens as the builtin
-engine and as transformers, for every kind of prompt, both checkpoint formats and ViR; and no
-process of the language server holds a vision tensor."""
+engine and as transformers, for every kind of prompt and ViR (both checkpoint formats of every family:
+test_families.py); and no process of the language server holds a vision tensor."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pipeline.model.checkpoint import open_model
 from pipeline.client import message, sampling, video
 from pipeline.model.tiny_model import tiny_model_dir
 from proto.dvd.v1 import admin_pb2, admin_pb2_grpc
-from tests.conftest import VLLM_ENGINE, photo_bytes, requires_vllm
+from tests.conftest import FP32, VLLM_ENGINE, photo_bytes, requires_vllm
 from tests.e2e.test_equivalence import CASES
 from tests.e2e.test_vision_video import QUESTION, SEGMENTS, reference_tokens
 from tests.reference import Reference, img, text, to_messages
@@ -23,7 +23,6 @@ from tests.vision_server.vir_reference import ReleasedFlash
 
 pytestmark = requires_vllm
 MAX_NEW_TOKENS = 12
-FP32 = {"vision.dtype": "float32", "language.dtype": "float32"}
 VISION_PREFIXES = ("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", "gating.", "model.vision_tower.",
                    "model.multi_modal_projector.")
 
@@ -31,11 +30,6 @@ VISION_PREFIXES = ("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", 
 @pytest.fixture(scope="module")
 def reference(tiny_dirs) -> Reference:
     return Reference(tiny_dirs["hf"], torch.float32)
-
-
-@pytest.fixture(scope="module")
-def original_vllm(start_deployment):
-    return start_deployment({**VLLM_ENGINE, **FP32, "model.format": "original"}, name="vllm_original")
 
 
 @pytest.fixture(scope="module")
@@ -57,12 +51,6 @@ def test_greedy_tokens_equal_builtin_and_transformers(case, vllm_deployment, fp3
     assert on_vllm.usage.prompt_tokens == on_builtin.usage.prompt_tokens
     assert on_vllm.text == on_builtin.text
     assert on_vllm.finish_reason == on_builtin.finish_reason
-
-
-def test_original_format_gives_the_same_tokens(original_vllm, client_for, reference):
-    client = client_for(original_vllm)
-    for case in ("single_image", "two_images", "text_only"):
-        assert list(_generate(client, CASES[case]).token_ids) == reference.generate(CASES[case], MAX_NEW_TOKENS), case
 
 
 def test_video_equals_transformers(vllm_deployment, client_for, reference):

@@ -1,6 +1,7 @@
 """The engine runs other InternVL LLM families token for token like their own `generate`: tiny
-random Qwen2 and Qwen3-MoE causal LMs built here, with image feature rows in some prompts and
-limits small enough that prompts are chunked and sequences preempted."""
+random Qwen2, Qwen3-MoE and GPT-OSS (sliding-window layers narrower than most prompts, attention
+sinks) causal LMs built here, with image feature rows in some prompts and limits small enough that
+prompts are chunked and sequences preempted."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ FAMILIES = {
     "qwen3_moe": dict(
         model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, **COMMON
     ),
+    "gpt_oss": dict(
+        model_type="gpt_oss", num_local_experts=4, num_experts_per_tok=2, sliding_window=24,
+        layer_types=["sliding_attention", "full_attention"], **COMMON
+    ),
 }
 
 
@@ -35,7 +40,7 @@ def _build(family: str) -> torch.nn.Module:
     torch.manual_seed(0)
     settings = dict(FAMILIES[family])
     config = AutoConfig.for_model(settings.pop("model_type"), **settings)
-    config._attn_implementation = "sdpa"
+    config._attn_implementation = "eager" if family == "gpt_oss" else "sdpa"  # GPT-OSS has no SDPA path
     return AutoModelForCausalLM.from_config(config).eval()
 
 
@@ -95,7 +100,7 @@ def test_engine_equals_the_family_generate(family, make_engine):
     assert engine.num_preemptions > 0 and engine.scheduler.num_partial_prefills > 0
 
 
-def test_the_builtin_engine_refuses_gpt_oss_at_start_up_naming_what_it_lacks(tmp_path) -> None:
+def test_the_builtin_engine_refuses_at_start_up_an_llm_whose_layers_it_lacks(tmp_path) -> None:
     from transformers import InternVLConfig
 
     from language_server.engines import refuse_unsupported
@@ -103,14 +108,12 @@ def test_the_builtin_engine_refuses_gpt_oss_at_start_up_naming_what_it_lacks(tmp
     from pipeline.model.tiny_weights import VISION_CONFIG
 
     text = AutoConfig.for_model(
-        "gpt_oss", vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4, num_experts_per_tok=2,
-        sliding_window=128, layer_types=["sliding_attention", "full_attention"],
+        "qwen3_next", vocab_size=VOCAB, hidden_size=HIDDEN, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16,
     )
     InternVLConfig(vision_config=VISION_CONFIG, text_config=text.to_dict()).save_pretrained(tmp_path)
-    with pytest.raises(CheckpointError, match=r"cannot serve a gpt_oss LLM \(sliding-window attention layers .*"
-                                              r"and attention sinks are not supported\); serve this model with "
-                                              r"language.engine: vllm"):
+    with pytest.raises(CheckpointError, match=r"cannot serve a qwen3_next LLM \(linear_attention layers are not "
+                                              r"supported\); serve this model with language.engine: vllm"):
         refuse_unsupported(open_checkpoint(tmp_path))
     for family in FAMILIES:  # the families it serves pass the same check
         config = AutoConfig.for_model(**FAMILIES[family])
