@@ -7,6 +7,8 @@ own classes:
   as many rows as their tiles give (and ViR makes tiles differ), so two images of different sizes
   would fail that check inside the engine core and stop it. Here each image's rows are checked
   alone: 2-D, of the LLM's hidden size.
+- Original checkpoints whose LLM carries InternLM2-style names (`attention.wqkv` ...) are renamed
+  to the llama names of the model vLLM builds for them (pipeline/model/checkpoint_names.py).
 - -Flash checkpoints carry the Visual Resolution Router (`mlp2`, `pooling_before_gating`,
   `gating`), which vLLM's InternVL model does not know and would refuse at load time. DvD runs ViR
   in its vision servers, so these tensors are skipped like the rest of the vision side.
@@ -14,10 +16,14 @@ own classes:
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 from vllm.model_executor.models.interns1 import InternS1ForConditionalGeneration, InternS1ImageEmbeddingInputs
 from vllm.model_executor.models.internvl import InternVLChatModel, InternVLImageEmbeddingInputs
 from vllm.model_executor.models.utils import WeightsMapper
+
+from pipeline.model.checkpoint_names import internlm_llm_names
 
 VIR_PREFIXES = ("mlp2.", "pooling_before_gating.", "gating.")
 
@@ -43,6 +49,10 @@ class LanguageOnlyInternVLChatModel(InternVLChatModel):
 
     def _parse_and_validate_image_input(self, **kwargs: object):  # noqa: ANN202
         return _image_embeds(InternVLImageEmbeddingInputs, kwargs, self.config.text_config.hidden_size)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        rename = internlm_llm_names(self.config.text_config)
+        return super().load_weights(pair for name, tensor in weights for pair in rename(name, tensor))
 
 
 class LanguageOnlyInternVLForConditionalGeneration(InternS1ForConditionalGeneration):

@@ -142,7 +142,7 @@ class Checkpoint:
     def read_part(self, part: Part, dtype: torch.dtype | None = None) -> LoadedPart:
         """Read only `part`'s tensors, renamed for transformers' modules (optionally cast)."""
         names = self.part_names(part)
-        rename = renamer(self.format, part)
+        rename = renamer(self.format, part, self.text_config if part == "llm" else None)
         loaded = LoadedPart(tensors={})
         for name, tensor in self._read(names):
             for target, value in rename(name, tensor):

@@ -185,6 +185,56 @@ def hf_to_original(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
-def renamer(format: Format, part: Part) -> Renamer:
-    """Maps one checkpoint tensor of `part` to (module name, tensor) pairs."""
+# InternLM2-style LLM names (`attention.wqkv` ...), as original InternVL checkpoints on InternLM carry
+# them where the LLM's own code uses them, and transformers' llama names, which its InternVL
+# conversion gives them. InternLM3's code (InternVL3-9B) already uses llama names.
+_INTERNLM_NAMES = [
+    ("language_model.output.", "language_model.lm_head."),
+    (".tok_embeddings.", ".embed_tokens."),
+    (".attention.wo.", ".self_attn.o_proj."),
+    (".feed_forward.w1.", ".mlp.gate_proj."),
+    (".feed_forward.w2.", ".mlp.down_proj."),
+    (".feed_forward.w3.", ".mlp.up_proj."),
+    (".attention_norm.", ".input_layernorm."),
+    (".ffn_norm.", ".post_attention_layernorm."),
+]
+
+
+def _internlm_llm(text_config, then: Renamer) -> Renamer:  # noqa: ANN001 - a transformers text config
+    """Renames InternLM2-style names to llama names (splitting `wqkv`, stored per key-value group as
+    [q x groups, k, v]), then applies `then`."""
+
+    def rename(name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        if ".attention.wqkv." in name:
+            kv_heads = text_config.num_key_value_heads
+            groups = text_config.num_attention_heads // kv_heads
+            head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+            grouped = tensor.reshape(kv_heads, groups + 2, head_dim, *tensor.shape[1:])
+            parts = {
+                "q_proj": grouped[:, :groups], "k_proj": grouped[:, groups], "v_proj": grouped[:, groups + 1],
+            }
+            out = []
+            for proj, value in parts.items():
+                target = name.replace(".attention.wqkv.", f".self_attn.{proj}.")
+                out += then(target, value.reshape(-1, *tensor.shape[1:]).contiguous())
+            return out
+        for old, new in _INTERNLM_NAMES:
+            if old in name:
+                name = name.replace(old, new)
+                break
+        return then(name, tensor)
+
+    return rename
+
+
+def internlm_llm_names(text_config) -> Renamer:  # noqa: ANN001 - a transformers text config
+    """Original-format names with InternLM2-style LLM names renamed to llama ones; others unchanged."""
+    return _internlm_llm(text_config, _identity)
+
+
+def renamer(format: Format, part: Part, text_config=None) -> Renamer:  # noqa: ANN001 - a transformers text config
+    """Maps one checkpoint tensor of `part` to (module name, tensor) pairs (`text_config`: the LLM's,
+    needed for original-format LLM tensors with InternLM2-style names)."""
+    if (format, part) == ("original", "llm") and text_config is not None:
+        return _internlm_llm(text_config, _RENAMERS[(format, part)])
     return _RENAMERS[(format, part)]

@@ -56,7 +56,7 @@ def reference_tokens(family: str) -> dict[str, list[int]]:
     return _references[family]
 
 
-def _answers(deployment: Deployment) -> dict[str, list[int]]:
+def answers(deployment: Deployment) -> dict[str, list[int]]:
     from pipeline.client import DvDClient
 
     with DvDClient(deployment.address, timeout_s=120) as client:
@@ -67,11 +67,11 @@ def _answers(deployment: Deployment) -> dict[str, list[int]]:
 @pytest.mark.parametrize(("family", "fmt", "engine"), _cells())
 def test_family_serves_transformers_tokens(family, fmt, engine, tmp_path, request):
     if family == TINY_FAMILY:
-        assert _answers(request.getfixturevalue(SHARED[(fmt, engine)])) == reference_tokens(family)
+        assert answers(request.getfixturevalue(SHARED[(fmt, engine)])) == reference_tokens(family)
         return
     model_dir = family_dir(family) / fmt
     overrides = {**port_overrides(), **FP32, **ENGINE_OVERRIDES[engine], "model.path": str(model_dir)}
     deployment = Deployment(TINY_CONFIG, overrides, log_dir=tmp_path)
     expected = reference_tokens(family)
     with deployment:
-        assert _answers(deployment) == expected
+        assert answers(deployment) == expected
