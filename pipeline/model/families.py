@@ -123,4 +123,8 @@ def family_dir(name: str) -> Path:
         raise ValueError(f"unknown family {name!r}; families: {', '.join(FAMILIES)}")
     if name == TINY_FAMILY:
         return tiny_model_dir("hf").parent
-    return random_model_dir(f"family-{name}-v{FAMILY_VERSION}", family=FAMILIES[name])
+    family = FAMILIES[name]
+    return random_model_dir(
+        f"family-{name}-v{FAMILY_VERSION}", family.vision_config, family.text_config, family.formats,
+        tokenizer=family.tokenizer, original_llm=family.original_llm_config,
+    )

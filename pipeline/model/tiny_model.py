@@ -16,15 +16,17 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any, Callable
 
 import torch
 
 from pipeline.model.tiny_processors import build_image_processor, build_tokenizer
 from pipeline.model.tiny_weights import build_model
 
-if TYPE_CHECKING:
-    from pipeline.model.families import Family
+# Makes the tokenizer saved with a model (default: the Qwen one of tiny_processors.build_tokenizer).
+TokenizerFactory = Callable[[], Any]
+# Turns the LLM's transformers config (a dict) into the original format's `llm_config`.
+OriginalLlmConfig = Callable[[dict], dict]
 
 TINY_VERSION = 5  # 4: unlabelled images in the chat template; 5: head_dim 32 (vLLM's CPU attention has no 16)
 FORMATS = ("hf", "original", "flash")
@@ -48,10 +50,10 @@ def random_model_dir(
     formats: tuple[str, ...] = FORMATS,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-    family: Family | None = None,
+    tokenizer: TokenizerFactory = build_tokenizer,
+    original_llm: OriginalLlmConfig | None = None,
 ) -> Path:
-    """A random InternVL checkpoint generated once into the cache (file-locked, written atomically);
-    a `family` (pipeline/model/families.py) gives its configs, tokenizer and formats.
+    """A random InternVL checkpoint generated once into the cache (file-locked, written atomically).
     `device` draws the weights there: a GPU generates an 8B model in seconds, but its draws differ
     from the CPU's, so the cached weights depend on where they were first generated."""
     root = cache_root() / name
@@ -63,10 +65,8 @@ def random_model_dir(
             if not done.exists():
                 staging = root.with_name(root.name + ".tmp")
                 shutil.rmtree(staging, ignore_errors=True)
-                if family is not None:
-                    vision_config, text_config, formats = family.vision_config, family.text_config, family.formats
                 generate(staging, vision_config=vision_config, text_config=text_config, formats=formats, dtype=dtype,
-                         device=device, family=family)
+                         device=device, tokenizer=tokenizer, original_llm=original_llm)
                 shutil.rmtree(root, ignore_errors=True)
                 staging.rename(root)
                 (root / ".complete").touch()
@@ -81,7 +81,8 @@ def generate(
     formats: tuple[str, ...] = FORMATS,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-    family: Family | None = None,
+    tokenizer: TokenizerFactory = build_tokenizer,
+    original_llm: OriginalLlmConfig | None = None,
 ) -> None:
     """Write a random model in HF-native (root/hf), original (root/original) and Flash (root/flash) formats.
 
@@ -93,7 +94,7 @@ def generate(
     from pipeline.model.checkpoint_names import hf_to_original
     from pipeline.model.tiny_flash import write_flash
 
-    tokenizer = family.tokenizer() if family is not None else build_tokenizer()
+    tokenizer = tokenizer()
     image_token_id = tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
     model = build_model(seed, vision_config, text_config, dtype, device, image_token_id).to("cpu")
     if torch.device(device).type == "cuda":
@@ -111,7 +112,7 @@ def generate(
         tensors.update(load_file(file))
     original_tensors = hf_to_original(tensors)
     del tensors
-    original_config = _original_config(model.config, family)
+    original_config = _original_config(model.config, original_llm)
     if "original" in formats:
         original_dir = root / "original"
         original_dir.mkdir()
@@ -124,12 +125,12 @@ def generate(
         shutil.rmtree(hf_dir)
 
 
-def _original_config(config, family: Family | None = None) -> dict:
+def _original_config(config, original_llm: OriginalLlmConfig | None = None) -> dict:
     """config.json of the original (InternVLChatModel) format for the same model."""
     vc = config.vision_config
     llm = config.text_config.to_dict()
-    if family is not None:
-        llm = family.original_llm_config(llm)
+    if original_llm is not None:
+        llm = original_llm(llm)
     return {
         "architectures": ["InternVLChatModel"],
         "model_type": "internvl_chat",

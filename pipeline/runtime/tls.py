@@ -118,7 +118,7 @@ class TlsDial:
         name = "localhost" if wildcard(lc.host) else ""
         return cls(lc.tls_cert, lc.tls_cert if mutual else None, lc.tls_key if mutual else None, name)
 
-    def channel(self, address: str) -> grpc.Channel:
+    def channel(self, address: str, options: list[tuple[str, object]] = ()) -> grpc.Channel:
         credentials = channel_credentials(self.root, self.cert, self.key)
-        options = [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+        options = [*options, *([("grpc.ssl_target_name_override", self.server_name)] if self.server_name else [])]
         return grpc.secure_channel(address, credentials, options=options)

@@ -75,3 +75,20 @@ def test_family_serves_transformers_tokens(family, fmt, engine, tmp_path, reques
     expected = reference_tokens(family)
     with deployment:
         assert answers(deployment) == expected
+
+
+@pytest.mark.parametrize("family", [f.name for f in FAMILIES.values() if f.flash and f.name != TINY_FAMILY])
+def test_family_flash_variant_under_vir(family, tmp_path):
+    """The -Flash variant (ViR router added; the tiny model's: test_vision_vir.py) gives the released
+    Flash algorithm's tokens, with some tiles compressed to 64 tokens and some kept at 256."""
+    from tests.vision_server.vir_reference import ReleasedFlash
+
+    root = family_dir(family)
+    released = ReleasedFlash(Reference(root / "hf", torch.float32), root / "flash")
+    overrides = {**port_overrides(), **FP32, "model.path": str(root / "flash")}
+    with Deployment(TINY_CONFIG, overrides, log_dir=tmp_path) as deployment:
+        got = answers(deployment)
+    for case in ("single_image", "two_images"):
+        expected, _, flags = released.generate(CASES[case], MAX_NEW_TOKENS)
+        assert 0 < sum(flags) < len(flags), case
+        assert got[case] == expected, case

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pipeline.client import DvDClient, image, message, sampling
-from pipeline.entrypoints.launch import wait_healthy
+from pipeline.entrypoints.health import wait_healthy
 from proto.dvd.v1 import generate_pb2 as pb
 from tests.conftest import photo_bytes
 from tests.e2e.metrics import scrape
