@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     info.add_argument("--api-key", default=os.environ.get(API_KEY_ENV, ""), help=f"default: ${API_KEY_ENV}")
     _tls_arguments(info)
 
-    commands.add_parser("tiny", help="generate the tiny default model (both formats) and print its location")
+    tiny = commands.add_parser("tiny", help="generate the tiny default model (both formats) and print its location")
+    tiny.add_argument("--family", help="instead, a random checkpoint of this published family (docs/checkpoints.md)")
     keys = commands.add_parser("keys", help="make a CurveZMQ key pair for transport.auth: curve; prints the key file")
     keys.add_argument("directory", help="where to write it (made private)")
 
@@ -270,10 +271,14 @@ def _keys(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    from pipeline.model.tiny_model import tiny_model_dir
+    from pipeline.model.families import FAMILIES, TINY_FAMILY, family_dir
 
-    print(tiny_model_dir("hf"))
-    print(tiny_model_dir("original"))
+    family = args.family or TINY_FAMILY
+    if family not in FAMILIES:
+        print(f"unknown family {family!r}; families: {', '.join(FAMILIES)}", file=sys.stderr)
+        return 2
+    for fmt in FAMILIES[family].formats:
+        print(family_dir(family) / fmt)
     return 0
 
 
