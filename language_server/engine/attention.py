@@ -42,10 +42,7 @@ def paged_attention(
     query, key, value = (t[0].transpose(0, 1) for t in (query, key, value))
     meta.kv_cache.write(module.layer_idx, meta.slot_mapping, key, value)
     sinks = kwargs.get("s_aux")  # GPT-OSS's attention sinks
-    if sliding_window is None and sinks is None:
-        out = meta.backend.attend(query, key, value, module.layer_idx, meta, scaling)
-    else:
-        out = meta.backend.attend(query, key, value, module.layer_idx, meta, scaling, sliding_window, sinks)
+    out = meta.backend.attend(query, key, value, module.layer_idx, meta, scaling, sliding_window, sinks)
     return out.unsqueeze(0), None
 
 

@@ -24,10 +24,12 @@ class AttentionBackend(Protocol):
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-        metadata: AttentionMetadata, scaling: float,
+        metadata: AttentionMetadata, scaling: float, sliding_window: int | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[T, heads, head_dim] queries (and this step's keys and values, already in the cache)
-        -> [T, heads, head_dim] outputs."""
+        -> [T, heads, head_dim] outputs; `sliding_window` and `sinks` ([heads] logits) as the
+        layer has them."""
 
 
 @dataclass

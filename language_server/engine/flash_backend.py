@@ -54,8 +54,11 @@ class FlashAttentionBackend:
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
-        meta: AttentionMetadata, scaling: float,
+        meta: AttentionMetadata, scaling: float, sliding_window: int | None = None,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        if sliding_window is not None or sinks is not None:  # select_backend keeps such models off this backend
+            raise ValueError("the flash_attn backend runs neither sliding-window layers nor attention sinks")
         plan: FlashPlan = meta.plan
         keys, values = meta.kv_cache.read(layer, plan.slots)
         return self._kernel(

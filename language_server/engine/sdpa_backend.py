@@ -20,6 +20,7 @@ class DecodeGroup:
     """Sequences with a single query row, attended together over a padded gather of their contexts."""
 
     rows: torch.Tensor  # [B] packed query rows
+    lengths: list[int]  # each sequence's context length
     slots: torch.Tensor  # [B, longest context] cache slots, padded with each sequence's first slot
     mask: torch.Tensor | None  # [B, 1, 1, longest context], True = attend; None when no padding
 
@@ -38,8 +39,6 @@ class PrefillSlice:
 class SdpaPlan:
     decode: DecodeGroup | None
     prefills: list[PrefillSlice]
-    decode_lengths: list[int] = field(default_factory=list)
-    prefill_contexts: list[int] = field(default_factory=list)
     windowed: dict[int, tuple] = field(default_factory=dict)  # window -> (decode mask, prefill masks)
 
 
@@ -67,21 +66,19 @@ class SdpaBackend:
             rows = torch.arange(n, device=device).unsqueeze(1)
             cols = torch.arange(context, device=device).unsqueeze(0)
             prefills.append(PrefillSlice(meta.query_start[i], n, meta.context_slots[i], cols <= rows + prefix))
-        return SdpaPlan(
-            self._decode_group(meta, decode_ids, device), prefills, [meta.context_lens[i] for i in decode_ids],
-            [meta.context_lens[i] for i, n in enumerate(meta.query_lens) if n != 1],
-        )
+        return SdpaPlan(self._decode_group(meta, decode_ids, device), prefills)
 
     def _window_masks(self, plan: SdpaPlan, window: int, device: torch.device) -> tuple:
         """The decode group's and each prefill slice's masks for a sliding-window layer (once per step)."""
         if window not in plan.windowed:
             decode_mask = None
             if plan.decode is not None:
-                lengths = torch.tensor(plan.decode_lengths, device=device).unsqueeze(1)
+                lengths = torch.tensor(plan.decode.lengths, device=device).unsqueeze(1)
                 cols = torch.arange(plan.decode.slots.shape[1], device=device).unsqueeze(0)
                 decode_mask = ((cols < lengths) & (cols >= lengths - window))[:, None, None, :]
             prefill_masks = []
-            for part, context in zip(plan.prefills, plan.prefill_contexts):
+            for part in plan.prefills:
+                context = part.length if part.slots is None else part.slots.numel()
                 rows = torch.arange(part.length, device=device).unsqueeze(1) + (context - part.length)
                 cols = torch.arange(context, device=device).unsqueeze(0)
                 prefill_masks.append((cols <= rows) & (cols > rows - window))
@@ -101,7 +98,7 @@ class SdpaBackend:
             lengths_t = torch.tensor(lengths, device=device)
             mask = (torch.arange(longest, device=device).unsqueeze(0) < lengths_t.unsqueeze(1))[:, None, None, :]
         rows = torch.tensor([meta.query_start[i] for i in ids], device=device)
-        return DecodeGroup(rows, slots, mask)
+        return DecodeGroup(rows, lengths, slots, mask)
 
     def attend(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: int,
