@@ -22,7 +22,6 @@ class RunningEngine:
 
     api: Any  # has `generate(EngineRequest)`: AsyncEngine or VllmEngine
     stats: Any  # what metrics.watch_engine reads: Engine or VllmEngine
-    hidden_size: int
     loaded: list[str]  # tensor or parameter names the engine holds
     parameter_bytes: int
     stop: Callable[[], None]
@@ -31,21 +30,20 @@ class RunningEngine:
 async def start_engine(config: DvDConfig, checkpoint: Checkpoint, tokenizer) -> RunningEngine:  # noqa: ANN001
     """Load the language model into the engine `language.engine` names, and start it."""
     lc = config.language
-    hidden_size = checkpoint.text_config.hidden_size
     if lc.engine == "vllm":
         from language_server.vllm_engine.engine import VllmEngine
 
         engine = VllmEngine.start(config, checkpoint, tokenizer)
         parameters = await engine.parameters()
         return RunningEngine(
-            engine, engine, hidden_size, sorted(name for name, _ in parameters), sum(n for _, n in parameters),
+            engine, engine, sorted(name for name, _ in parameters), sum(n for _, n in parameters),
             engine.stop,
         )
     refuse_unsupported(checkpoint)
     model, loaded = LanguageModel.from_checkpoint(checkpoint, lc.device, getattr(torch, lc.dtype))
     engine = Engine(model, tokenizer, lc)
     engine.start()
-    return RunningEngine(AsyncEngine(engine), engine, hidden_size, loaded, parameter_bytes([model]), engine.stop)
+    return RunningEngine(AsyncEngine(engine), engine, loaded, parameter_bytes([model]), engine.stop)
 
 
 def refuse_unsupported(checkpoint: Checkpoint) -> None:

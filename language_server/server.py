@@ -77,7 +77,14 @@ async def serve(
     lc = config.language
     checkpoint = open_model(config.model.path, config.model.format)
     tokenizer = load_tokenizer(checkpoint)
-    engine = await start_engine(config, checkpoint, tokenizer)
+    # The feature port is bound before the engine starts: vLLM's processes bind ports of their own.
+    vision = VisionClient(config, checkpoint.text_config.hidden_size) if local_vision is None else None
+    try:
+        engine = await start_engine(config, checkpoint, tokenizer)
+    except BaseException:
+        if vision is not None:
+            vision.close()
+        raise
     metrics.watch_engine(engine.stats)
 
     interceptors = [ErrorInterceptor()]
@@ -93,10 +100,8 @@ async def serve(
             "prompts follow the internvl2_5 layout, which differs from this checkpoint's chat template",
             extra={"difference": mismatch, "checkpoint": str(checkpoint.path)},
         )
-    vision: VisionClient | None = None
     loaded, param_bytes = engine.loaded, engine.parameter_bytes
-    if local_vision is None:
-        vision = VisionClient(config, engine.hidden_size)
+    if vision is not None:
         media: MediaPreparer = RemoteMedia(vision, prompts, config, pipeline, group_images=checkpoint.is_flash)
         role = "language"
     else:

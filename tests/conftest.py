@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import random
 import socket
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -21,28 +22,51 @@ TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 TEST_DEVICE = os.environ.get("DVD_TEST_DEVICE", "cpu")
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports the OS considers free right now (bound and released together, so they differ)."""
-    sockets = []
+def _ports_outside_the_ephemeral_range() -> list[int]:
+    """Ports 10000-65535 that the kernel never hands out on its own (to a process binding port 0, as
+    vLLM's engine does for its sockets, or opening a connection): a deployment about to bind one
+    cannot lose it to them. All of 10000-65535 where that range leaves too few."""
     try:
-        for _ in range(count):
-            sock = socket.socket()
-            sock.bind(("127.0.0.1", 0))
-            sockets.append(sock)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    outside = [p for p in range(10000, 65536) if not low <= p <= high]
+    return outside if len(outside) >= 5000 else list(range(10000, 65536))
+
+
+_CANDIDATE_PORTS = _ports_outside_the_ephemeral_range()
+_handed_out: set[int] = set()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports(count: int, consecutive: bool = False) -> list[int]:
+    """Ports that are free now, outside the kernel's ephemeral range, and handed out to no other
+    test of this session (deployments started together cannot be given the same one).
+    `consecutive`: `count` ports in a row."""
+    if not consecutive:
+        return [free_ports(1, consecutive=True)[0] for _ in range(count)]
+    candidates = set(_CANDIDATE_PORTS)
+    for _ in range(2000):
+        block = range(first := random.choice(_CANDIDATE_PORTS), first + count)
+        if all(p in candidates and p not in _handed_out and _bindable(p) for p in block):
+            _handed_out.update(block)
+            return list(block)
+    raise RuntimeError(f"no {count} free consecutive ports")
 
 
 def port_overrides(replicas: int = 1) -> dict[str, Any]:
     """Config overrides that move every endpoint of a deployment to free ports; with several vision
-    replicas (replica i uses each vision port + i) no replica's port is another endpoint's."""
-    for _ in range(100):
-        ports = free_ports(7)
-        used = [p + i for p in ports[:3] for i in range(replicas)] + ports[3:]
-        if len(set(used)) == len(used) and max(used) <= 65535:
-            break
+    replicas (replica i uses each vision port + i) the vision ports come in blocks of `replicas`."""
+    vision = [free_ports(replicas, consecutive=True)[0] for _ in range(3)]
+    ports = vision + free_ports(4)
     return {
         "vision.job_port": ports[0],
         "vision.grpc_port": ports[1],
@@ -147,12 +171,6 @@ FP32 = {"vision.dtype": "float32", "language.dtype": "float32"}
 def vllm_deployment(start_shared_deployment):
     """Both servers in float32 on the tiny model (HF-native format), the language server on vLLM's engine."""
     return start_shared_deployment({**VLLM_ENGINE, **FP32}, name="vllm")
-
-
-@pytest.fixture(scope="session")
-def original_vllm_deployment(start_shared_deployment):
-    """vllm_deployment's twin on the original-format checkpoint of the same model."""
-    return start_shared_deployment({**VLLM_ENGINE, **FP32, "model.format": "original"}, name="vllm_original")
 
 
 @pytest.fixture(scope="session", params=ENGINES)

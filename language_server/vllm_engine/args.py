@@ -16,10 +16,12 @@ ARCHITECTURES = {"original": "DvDInternVLChatModel", "hf": "DvDInternVLForCondit
 
 
 def engine_environment(config: DvDConfig) -> dict[str, str]:
-    """Variables vLLM reads when its processes start: nothing is downloaded, and the CPU engine's
-    KV cache and thread binding come from the config."""
+    """Variables vLLM reads when its processes start: nothing is downloaded; its processes are
+    spawned, never forked (the language server holds its feature socket and threads by then); the
+    CPU engine's KV cache and thread binding come from the config."""
     lc, vc = config.language, config.vllm
-    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
+           "VLLM_WORKER_MULTIPROC_METHOD": "spawn"}
     if lc.device == "cpu":
         env["VLLM_CPU_KVCACHE_SPACE"] = f"{vc.cpu_kv_cache_gib:g}"
         env["VLLM_CPU_OMP_THREADS_BIND"] = vc.threads_bind(lc.cpus)

@@ -159,7 +159,10 @@ class Deployment:
         """Start all servers and wait until every one is healthy; on failure stop them all.
 
         Setting `cancel` (from a signal handler, say) ends the wait with StartInterrupted."""
-        cancelled = cancel.is_set if cancel is not None else (lambda: False)
+        start_together([self], timeout_s, cancel)
+        return self
+
+    def _prepare(self) -> None:
         running = [server.name for server in self.servers if server.process is not None and server.alive]
         if running:
             raise LaunchError(f"{', '.join(running)}: already started (a `with Deployment(...)` block starts it)")
@@ -168,16 +171,6 @@ class Deployment:
 
             tiny_model_dir("original" if self.config.model.format == "original" else "hf")
         self._check_launcher_identity()
-        try:
-            for server in self.servers:
-                server.start(self.launch_env)
-            deadline = time.monotonic() + timeout_s
-            for server in self.servers:
-                server.wait_ready(deadline - time.monotonic(), cancelled)
-        except BaseException:
-            self.stop()
-            raise
-        return self
 
     def _check_launcher_identity(self) -> None:
         """Under mutual TLS the launcher presents the server's own certificate (TlsDial): refuse to
@@ -196,13 +189,7 @@ class Deployment:
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """SIGTERM every server, then SIGKILL whatever is left after the timeout."""
-        for server in reversed(self.servers):
-            server.terminate()
-        for server in reversed(self.servers):
-            server.stop(timeout_s)
-        _sweep_shm_segments()
-        if self.made_key_file is not None:
-            shutil.rmtree(self.made_key_file.parent, ignore_errors=True)
+        stop_together([self], timeout_s)
 
     def failed(self) -> ServerProcess | None:
         """A server that has exited, if any."""
@@ -213,6 +200,39 @@ class Deployment:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_together(deployments: list[Deployment], timeout_s: float = 300.0, cancel: threading.Event | None = None) -> None:
+    """Start every server of several deployments at once, so that their start-ups overlap, and wait
+    until all are healthy; on any failure stop them all. StartInterrupted once `cancel` is set."""
+    cancelled = cancel.is_set if cancel is not None else (lambda: False)
+    for deployment in deployments:
+        deployment._prepare()
+    try:
+        for deployment in deployments:
+            for server in deployment.servers:
+                server.start(deployment.launch_env)
+        deadline = time.monotonic() + timeout_s
+        for deployment in deployments:
+            for server in deployment.servers:
+                server.wait_ready(deadline - time.monotonic(), cancelled)
+    except BaseException:
+        stop_together(deployments)
+        raise
+
+
+def stop_together(deployments: list[Deployment], timeout_s: float = 15.0) -> None:
+    """SIGTERM every server of several deployments, then SIGKILL whatever is left after the timeout
+    (their shut-downs overlap)."""
+    servers = [server for deployment in deployments for server in reversed(deployment.servers)]
+    for server in servers:
+        server.terminate()
+    for server in servers:
+        server.stop(timeout_s)
+    _sweep_shm_segments()
+    for deployment in deployments:
+        if deployment.made_key_file is not None:
+            shutil.rmtree(deployment.made_key_file.parent, ignore_errors=True)
 
 
 def _sweep_shm_segments() -> None:

@@ -7,34 +7,14 @@ import argparse
 import json
 import math
 import os
-import random
-import socket
 
 import pytest
 
 from benchmarks import bench, report
 from benchmarks.workloads import Workload
+from tests.conftest import free_ports
 
 SETUPS = ("dvd", "colocated-a", "colocated-b")
-
-
-def free_port_base(span: int) -> int:
-    """A base port with `span` free ports after it (the bench lays its setups' ports out in blocks)."""
-    for _ in range(50):
-        base = random.randrange(20000, 30000)
-        sockets = []
-        try:
-            for port in range(base, base + span):
-                sock = socket.socket()
-                sockets.append(sock)
-                sock.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for sock in sockets:
-                sock.close()
-    raise RuntimeError("no free port range")
 
 
 def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> None:
@@ -43,7 +23,7 @@ def test_bench_runs_every_setup_and_writes_the_report(tmp_path, monkeypatch) -> 
     argv = ["--model", "tiny", "--sizes", "448px,896px", "--rate-size", "448px", "--requests", "4",
             "--other-size-requests", "3", "--concurrency", "3", "--max-num-seqs", "2",
             "--rate-requests", "2", "--unloaded-requests", "1",
-            "--rate-fractions", "1.0", "--no-vllm", "--port-base", str(free_port_base(60))]
+            "--rate-fractions", "1.0", "--no-vllm", "--port-base", str(free_ports(60, consecutive=True)[0])]
     bind = len(os.sched_getaffinity(0)) >= 2
     argv += ["--bind-cpus"] if bind else []
     assert bench.main(argv) == 0

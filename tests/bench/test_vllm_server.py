@@ -13,14 +13,9 @@ from pathlib import Path
 import pytest
 
 from benchmarks.vllm_server import VllmServer, VllmStartError, group_alive, kv_cache_gib
+from tests.conftest import free_ports
 
 pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="reads Linux /proc")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_argv_and_environment_carry_the_engine_settings(tmp_path) -> None:
@@ -82,7 +77,7 @@ class StandIn(VllmServer):
 
 
 def test_start_waits_for_health_and_stop_ends_the_whole_process_group(tmp_path) -> None:
-    server = StandIn(model=tmp_path, port=free_port(), name="vllm-a", log_path=tmp_path / "logs" / "vllm.log")
+    server = StandIn(model=tmp_path, port=free_ports(1)[0], name="vllm-a", log_path=tmp_path / "logs" / "vllm.log")
     server.start(timeout_s=60)
     try:
         assert server.alive and len(server.pids()) == 2  # the server and its engine stand-in
@@ -94,7 +89,7 @@ def test_start_waits_for_health_and_stop_ends_the_whole_process_group(tmp_path) 
 
 
 def test_a_server_that_exits_during_start_up_raises_with_its_log(tmp_path) -> None:
-    server = StandIn(model=tmp_path, port=free_port(), log_path=tmp_path / "vllm.log")
+    server = StandIn(model=tmp_path, port=free_ports(1)[0], log_path=tmp_path / "vllm.log")
     server.script = "import sys; print('no model here', flush=True); sys.exit(3)"
     with pytest.raises(VllmStartError, match="exited with status 3 during start-up\nno model here"):
         server.start(timeout_s=60)
@@ -102,7 +97,7 @@ def test_a_server_that_exits_during_start_up_raises_with_its_log(tmp_path) -> No
 
 
 def test_start_times_out_and_stops_a_server_that_never_answers(tmp_path) -> None:
-    server = StandIn(model=tmp_path, port=free_port())
+    server = StandIn(model=tmp_path, port=free_ports(1)[0])
     server.script = "import time; time.sleep(600)"  # a server that never binds its port
     with pytest.raises(VllmStartError, match="/health did not answer within 1 s"):
         server.start(timeout_s=1)
@@ -115,7 +110,7 @@ def test_start_refuses_a_port_in_use_and_another_server_answering(tmp_path) -> N
         held.listen()
         with pytest.raises(VllmStartError, match="is in use"):
             VllmServer(model=tmp_path, port=held.getsockname()[1]).start(timeout_s=5)
-    server = StandIn(model=tmp_path, port=free_port(), name="theirs", stop_timeout_s=1)
+    server = StandIn(model=tmp_path, port=free_ports(1)[0], name="theirs", stop_timeout_s=1)
     server.script = STAND_IN.replace("name, port = sys.argv[1]", "name, port = 'someone-else'")
     with pytest.raises(VllmStartError, match="another server answers"):
         server.start(timeout_s=60)
