@@ -148,6 +148,17 @@ def test_a_server_that_fails_to_start_is_reported_with_its_exit_and_log(tmp_path
     assert all(not server.alive for server in deployment.servers)
 
 
+def test_deployments_started_together_are_all_stopped_when_one_fails(tmp_path):
+    from pipeline.entrypoints.launch import Deployment, LaunchError, start_together
+
+    good = Deployment(TINY_CONFIG, port_overrides(), log_dir=tmp_path / "good")
+    bad = Deployment(TINY_CONFIG, {**port_overrides(), "model.path": str(tmp_path / "absent")}, log_dir=tmp_path / "bad")
+    with pytest.raises(LaunchError, match="absent"):
+        start_together([good, bad], timeout_s=START_TIMEOUT_S)
+    servers = good.servers + bad.servers
+    assert all(server.process is not None and not server.alive for server in servers)
+
+
 def test_ctrl_c_during_start_up_stops_the_servers():
     with _launched(port_overrides()) as launcher:
         _read_until(_lines(launcher.stdout), "dvd: starting")
