@@ -22,7 +22,7 @@ TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 TEST_DEVICE = os.environ.get("DVD_TEST_DEVICE", "cpu")
 
 
-def _ports_outside_the_ephemeral_range() -> list[int]:
+def _ports_outside_the_ephemeral_range() -> tuple[int, ...]:
     """Ports 10000-65535 that the kernel never hands out on its own (to a process binding port 0, as
     vLLM's engine does for its sockets, or opening a connection): a deployment about to bind one
     cannot lose it to them. All of 10000-65535 where that range leaves too few."""
@@ -31,10 +31,11 @@ def _ports_outside_the_ephemeral_range() -> list[int]:
     except (OSError, ValueError):
         low, high = 32768, 60999
     outside = [p for p in range(10000, 65536) if not low <= p <= high]
-    return outside if len(outside) >= 5000 else list(range(10000, 65536))
+    return tuple(outside if len(outside) >= 5000 else range(10000, 65536))
 
 
 _CANDIDATE_PORTS = _ports_outside_the_ephemeral_range()
+_CANDIDATE_SET = frozenset(_CANDIDATE_PORTS)
 _handed_out: set[int] = set()
 
 
@@ -53,10 +54,9 @@ def free_ports(count: int, consecutive: bool = False) -> list[int]:
     `consecutive`: `count` ports in a row."""
     if not consecutive:
         return [free_ports(1, consecutive=True)[0] for _ in range(count)]
-    candidates = set(_CANDIDATE_PORTS)
     for _ in range(2000):
         block = range(first := random.choice(_CANDIDATE_PORTS), first + count)
-        if all(p in candidates and p not in _handed_out and _bindable(p) for p in block):
+        if all(p in _CANDIDATE_SET and p not in _handed_out and _bindable(p) for p in block):
             _handed_out.update(block)
             return list(block)
     raise RuntimeError(f"no {count} free consecutive ports")
