@@ -11,7 +11,7 @@ BENCH_ARGS ?=
 GPU_DEVICE ?= cuda:0
 GPU_TESTS  := tests/e2e/test_equivalence.py tests/e2e/test_transports.py tests/e2e/test_colocated.py
 
-.PHONY: install tcmalloc proto serve test test-gpu bench bench-vision bench-engine bench-transfer tiny clean
+.PHONY: install tcmalloc proto serve test test-gpu bench bench-vision bench-engine bench-transfer bench-bound tiny clean
 
 install: $(VENV)/.installed
 
@@ -66,6 +66,9 @@ bench-engine: proto
 
 bench-transfer: proto
 	$(BIN)/python -m benchmarks.transfer $(BENCH_ARGS)
+
+bench-bound: proto
+	$(BIN)/python -m benchmarks.vllm_bound $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

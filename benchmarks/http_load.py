@@ -28,14 +28,15 @@ def data_url(image: bytes) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(image).decode("ascii")
 
 
-def chat_body(model: str, image: bytes, output_tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
-    """The request body of one streamed, greedy chat request of exactly `output_tokens` tokens."""
+def chat_body(model: str, image: bytes | None, output_tokens: int, prompt: str = PROMPT) -> dict[str, Any]:
+    """The request body of one streamed, greedy chat request of exactly `output_tokens` tokens;
+    text only when `image` is None."""
+    content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
+    if image is not None:
+        content.insert(0, {"type": "image_url", "image_url": {"url": data_url(image)}})
     return {
         "model": model,
-        "messages": [{"role": "user", "content": [
-            {"type": "image_url", "image_url": {"url": data_url(image)}},
-            {"type": "text", "text": prompt},
-        ]}],
+        "messages": [{"role": "user", "content": content}],
         "max_tokens": output_tokens,
         "temperature": 0.0,
         "ignore_eos": True,

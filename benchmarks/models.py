@@ -54,6 +54,14 @@ def bench_model(name: str, device: str = "cpu") -> Path:
     return path
 
 
+def small_variant(vision_layers: int, device: str = "cpu") -> Path:
+    """`small` with `vision_layers` ViT layers instead of 4 and the same shapes otherwise: the same
+    LLM work per request with more or less vision work (its HF-native directory)."""
+    directory, vision, text, dtype = RANDOM_MODELS["small"]
+    return random_model_dir(f"{directory}-vit{vision_layers}", {**vision, "num_hidden_layers": vision_layers}, text,
+                            formats=("hf",), dtype=dtype, device=device) / "hf"
+
+
 def bench_flash_model(name: str, device: str = "cpu") -> Path | None:
     """The InternVL3.5-Flash variant (original format, ViR router added; pipeline/model/tiny_flash.py) of a
     model from NAMES, with the same ViT and LLM weights; a local checkpoint directory counts when its

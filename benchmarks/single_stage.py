@@ -25,11 +25,7 @@ from proto.dvd.v1 import generate_pb2 as pb
 
 def text_twin(deployment: Deployment, workload: Workload, model_path: Path) -> Workload:
     """Text-only requests with the same prompt length as the image requests (the LLM-only load)."""
-    tokenizer = _tokenizer(model_path)
-    prompt_tokens = _prompt_tokens(deployment, workload)
-    filler = " ".join(["tile"] * prompt_tokens)
-    ids = tokenizer(filler)["input_ids"][: max(prompt_tokens - 20, 1)]
-    text = tokenizer.decode(ids)
+    text = filler_text(model_path, prompt_tokens(deployment, workload))
 
     class TextWorkload(Workload):
         def request(self, index: int) -> pb.GenerateRequest:
@@ -91,7 +87,15 @@ def _tokenizer(model_path: Path):
     return AutoTokenizer.from_pretrained(model_path)
 
 
-def _prompt_tokens(deployment: Deployment, workload: Workload) -> int:
+def filler_text(model_path: Path, prompt_tokens: int) -> str:
+    """Text that, with PROMPT and the chat template around it, makes a prompt of about `prompt_tokens` tokens."""
+    tokenizer = _tokenizer(model_path)
+    ids = tokenizer(" ".join(["tile"] * prompt_tokens))["input_ids"][: max(prompt_tokens - 20, 1)]
+    return tokenizer.decode(ids)
+
+
+def prompt_tokens(deployment: Deployment, workload: Workload) -> int:
+    """The prompt length, in tokens, of the workload's image requests on this deployment."""
     with DvDClient(deployment.address) as client:
         request = workload.request(0)
         request.sampling.max_new_tokens = 1
