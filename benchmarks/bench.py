@@ -75,7 +75,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks import comparison, server_cpu, single_stage
 from benchmarks.http_load import run_chat_load, workload_bodies
@@ -158,11 +158,13 @@ def warm(deployment: Deployment, workload: Workload, count: int) -> None:
     asyncio.run(run_load(deployment.address, workload.request, count, concurrency=count))
 
 
-def run_vllm(server: VllmServer, workload: Workload, total: int, label: str, concurrency: int) -> LoadResult:
-    """A closed loop against plain vLLM, with the CPU seconds of its processes (server and engine)."""
+def run_vllm(server: VllmServer, workload: Workload, total: int, label: str, concurrency: int,
+             bodies: Callable[[int], dict[str, Any]] | None = None) -> LoadResult:
+    """A closed loop against plain vLLM, with the CPU seconds of its processes (server and engine);
+    the workload's requests unless `bodies` makes them."""
+    bodies = bodies or workload_bodies(workload, server.name)
     return server_cpu.metered_pids({"vllm": server.process.pid}, lambda: asyncio.run(
-        run_chat_load(server.base_url, workload_bodies(workload, server.name), total, concurrency,
-                      progress=Progress(total, label))
+        run_chat_load(server.base_url, bodies, total, concurrency, progress=Progress(total, label))
     ))
 
 

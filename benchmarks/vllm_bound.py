@@ -21,21 +21,18 @@ bound is about 1 / s. Writes benchmarks/results/vllm-bound-<time>.json.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import time
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from benchmarks.bench import BASE_CONFIG, VLLM_START_S, Setup, run_metered, run_vllm, setup_ports, warm, warm_vllm
 from benchmarks.http_load import chat_body
 from benchmarks.load import LoadResult, summarize
 from benchmarks.models import NAMES, bench_model, small_variant
-from benchmarks.report import RESULTS, Progress, markdown_table, write_json
+from benchmarks.report import RESULTS, markdown_table, write_json
 from benchmarks.single_stage import filler_text, prompt_tokens
 from benchmarks.vllm_server import VllmServer, vllm_import_error
 from benchmarks.workloads import PROMPT, SIZES, workloads
-from benchmarks import server_cpu
 from pipeline.config import load_config
 from pipeline.entrypoints.launch import Deployment
 
@@ -55,7 +52,7 @@ def bound(rates: dict[str, float], cpu_per_request: dict[str, float]) -> dict[st
     }
 
 
-def text_bodies(model: str, text: str, output_tokens: int):
+def text_bodies(model: str, text: str, output_tokens: int) -> Callable[[int], dict[str, Any]]:
     """Text-only chat bodies; each starts with its index, so no two share a cached prefix."""
     return lambda index: chat_body(model, None, output_tokens, f"{index} {text} {PROMPT}")
 
@@ -112,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             warm_vllm(server, workload, 2)
             runs[name] = run_vllm(server, workload, args.requests, name, args.concurrency)
             if name == "vllm-a":
-                runs["text-a"] = _run_text(server, text_bodies(name, text, args.output_tokens), args)
+                runs["text-a"] = run_vllm(server, workload, args.requests, "text-a", args.concurrency,
+                                          bodies=text_bodies(name, text, args.output_tokens))
 
+    failed = {name: errors for name, run in runs.items() if (errors := summarize([run])["errors"])}
+    if failed:  # a failed request is cheap, and would flatter its run's figures
+        raise SystemExit(f"requests failed, no bound computed: {failed} (logs in {logs})")
     rates = {name: summarize([run])["request_throughput"] for name, run in runs.items()}
     steady = {name: summarize([run])["steady_request_throughput"] for name, run in runs.items()}
     per_request = {name: sum(run.server_cpu_s.values()) / len(run.records) for name, run in runs.items()}
@@ -136,14 +137,6 @@ def main(argv: list[str] | None = None) -> int:
           f"bound as sized {figures['as_sized']:.2f}x, balanced {figures['balanced']:.2f}x")
     print(f"wrote {path} in {report['wall_s'] / 60:.1f} min")
     return 0
-
-
-def _run_text(server: VllmServer, bodies: Any, args: argparse.Namespace) -> LoadResult:
-    from benchmarks.http_load import run_chat_load
-
-    return server_cpu.metered_pids({"vllm": server.process.pid}, lambda: asyncio.run(
-        run_chat_load(server.base_url, bodies, args.requests, args.concurrency, progress=Progress(args.requests, "text-a"))
-    ))
 
 
 def _preload() -> tuple[str, ...]:
