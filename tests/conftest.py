@@ -108,11 +108,12 @@ def _deployments(tmp_path_factory) -> Iterator[Callable[..., Any]]:
 
     started: list[Deployment] = []
 
-    def start(overrides: dict[str, Any] | None = None, name: str = "deployment") -> Deployment:
+    def start(overrides: dict[str, Any] | None = None, name: str = "deployment",
+              env: dict[str, str] | None = None) -> Deployment:
         log_dir = tmp_path_factory.mktemp(name)
         overrides = {"vision.device": TEST_DEVICE, "language.device": TEST_DEVICE, **(overrides or {})}
         ports = port_overrides(overrides.get("vision.replicas", 1))
-        deployment = Deployment(TINY_CONFIG, {**ports, **overrides}, log_dir=log_dir)
+        deployment = Deployment(TINY_CONFIG, {**ports, **overrides}, log_dir=log_dir, env=env)
         deployment.start(timeout_s=180)
         started.append(deployment)
         return deployment

@@ -1,15 +1,20 @@
 """language.engine: vllm through the two real server processes: the same greedy tokens as the builtin
 engine and as transformers, for every kind of prompt and ViR (both checkpoint formats of every family:
-test_families.py); and no process of the language server holds a vision tensor."""
+test_families.py), also with vLLM's AVX2 kernels; and no process of the language server holds a vision
+tensor."""
 
 from __future__ import annotations
 
+import os
+import re
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
+from benchmarks.server_cpu import descendants
 from pipeline.model.checkpoint import open_model
 from pipeline.client import message, sampling, video
 from pipeline.model.tiny_model import tiny_model_dir
@@ -23,6 +28,8 @@ from tests.vision_server.vir_reference import ReleasedFlash
 
 pytestmark = requires_vllm
 MAX_NEW_TOKENS = 12
+NO_AVX512 = Path(__file__).parent / "no_avx512"  # its sitecustomize.py hides AVX-512 from vLLM's kernel choice
+AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
 VISION_PREFIXES = ("vision_model.", "mlp1.", "mlp2.", "pooling_before_gating.", "gating.", "model.vision_tower.",
                    "model.multi_modal_projector.")
 
@@ -35,6 +42,14 @@ def reference(tiny_dirs) -> Reference:
 @pytest.fixture(scope="module")
 def flash_vllm(start_deployment):
     return start_deployment({**VLLM_ENGINE, **FP32, "model.path": str(tiny_model_dir("flash"))}, name="vllm_flash")
+
+
+@pytest.fixture(scope="module")
+def avx2_vllm(start_deployment):
+    """vllm_deployment as on an x86-64 CPU without AVX-512: every server process is told there is
+    none, and torch, oneDNN and MKL are held to AVX2."""
+    python_path = os.pathsep.join(filter(None, [str(NO_AVX512), os.environ.get("PYTHONPATH")]))
+    return start_deployment({**VLLM_ENGINE, **FP32}, name="vllm_avx2", env={**AVX2_ONLY, "PYTHONPATH": python_path})
 
 
 def _generate(client, conversation, max_new_tokens: int = MAX_NEW_TOKENS):
@@ -86,6 +101,25 @@ def test_twelve_mixed_requests_at_once(vllm_deployment, client_for, reference):
         results = list(pool.map(lambda c: _generate(client, c), conversations, timeout=600))
     for conversation, result in zip(conversations, results):
         assert list(result.token_ids) == reference.generate(conversation, MAX_NEW_TOKENS)
+
+
+def _vllm_kernel_builds(pid: int) -> set[str]:
+    """The builds of vLLM's kernel library (_C, _C_AVX512, _C_AVX2) that a process tree has mapped."""
+    builds: set[str] = set()
+    for process in (pid, *descendants(pid)):
+        try:
+            builds |= set(re.findall(r"/vllm/(_C\w*)\.abi3\.so", Path(f"/proc/{process}/maps").read_text()))
+        except OSError:  # gone meanwhile
+            continue
+    return builds
+
+
+def test_on_a_cpu_without_avx512_vllm_runs_its_avx2_kernels_with_the_same_tokens(avx2_vllm, client_for, reference):
+    language = next(server for server in avx2_vllm.servers if server.name == "language")
+    assert _vllm_kernel_builds(language.process.pid) == {"_C_AVX2"}
+    client = client_for(avx2_vllm)
+    for case, conversation in CASES.items():
+        assert list(_generate(client, conversation).token_ids) == reference.generate(conversation, MAX_NEW_TOKENS), case
 
 
 def _info(address: str) -> admin_pb2.ServerInfo:
