@@ -69,110 +69,21 @@ a CPU. On a GPU it keeps the config default (64).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import time
 from collections import defaultdict
-from dataclasses import dataclass, replace
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from benchmarks import comparison, server_cpu, single_stage
-from benchmarks.http_load import run_chat_load, workload_bodies
-from benchmarks.load import LoadResult, run_load, summarize
-from benchmarks.models import NAMES, bench_flash_model, bench_model
-from benchmarks.report import RESULTS, Progress, write_json
-from benchmarks.vllm_server import VllmServer, VllmStartError, kv_cache_gib, vllm_import_error
-from benchmarks.workloads import Workload, workloads
-from pipeline.config import LanguageConfig, VisionConfig, load_config
-from pipeline.entrypoints.launch import Deployment, LaunchError
+from benchmarks import comparison, single_stage, vllm_phase
+from benchmarks.load import LoadResult, summarize
+from benchmarks.models import NAMES, bench_model
+from benchmarks.report import RESULTS, write_json
+from benchmarks.setups import BASE_CONFIG, PORT_BASE, PORTS_PER_SETUP, Setup, run_metered, setup_ports, warm
+from benchmarks.workloads import workloads
+from pipeline.config import LanguageConfig, VisionConfig
+from pipeline.entrypoints.launch import Deployment
 
-ROOT = Path(__file__).resolve().parent.parent
-BASE_CONFIG = ROOT / "configs" / "tiny.yaml"
-PORT_BASE = 26000
-PORTS_PER_SETUP = 20
 KV_TOKENS_PER_REQUEST = 4096  # above the longest prompt of any --sizes image (1344 px: about 3,000 tokens)
-VLLM_START_S = 900.0  # longest wait for a server with a vLLM engine to become healthy
-VLLM_ORDER = ("dvd-vllm", "vllm-b", "dvd-vllm-vir", "vllm-a")  # the report's row order
-
-
-@dataclass
-class Setup:
-    name: str
-    mode: str
-    vision_threads: int
-    llm_threads: int
-    vision_device: str = "cpu"
-    llm_device: str = "cpu"
-    vision_cpus: tuple[int, ...] = ()
-    llm_cpus: tuple[int, ...] = ()
-    engine: str = "builtin"  # language.engine
-    kv_cache_gib: int = 1  # vllm.cpu_kv_cache_gib, with engine vllm
-    flash: bool = False  # runs the model's -Flash variant (ViR)
-
-    def overrides(self, model_path: str, dtype: str, batch_tiles: int, kv_blocks: int,
-                  max_num_seqs: int) -> dict[str, Any]:
-        engine: dict[str, Any] = {}
-        if self.engine == "vllm":
-            engine = {"language.engine": "vllm", "vllm.cpu_kv_cache_gib": self.kv_cache_gib}
-        return engine | {
-            "language.num_kv_blocks": kv_blocks,
-            "language.max_num_seqs": max_num_seqs,
-            "vision.device": self.vision_device,
-            "language.device": self.llm_device,
-            "vision.max_batch_tiles": batch_tiles,
-            "mode": self.mode,
-            "model.path": model_path,
-            "vision.dtype": dtype,
-            "language.dtype": dtype,
-            "vision.threads": self.vision_threads,
-            # vLLM runs one thread per CPU of language.cpus and refuses language.threads beside them
-            "language.threads": 0 if self.engine == "vllm" else self.llm_threads,
-            "vision.cpus": list(self.vision_cpus),
-            "language.cpus": list(self.llm_cpus),
-            "vision.feature_cache_bytes": 0,  # every request pays for its images
-            "log_level": "warning",
-        }
-
-
-def setup_ports(index: int, base: int) -> dict[str, int]:
-    start = base + PORTS_PER_SETUP * index
-    return {
-        "vision.job_port": start,
-        "vision.grpc_port": start + 1,
-        "vision.metrics_port": start + 2,
-        "language.grpc_port": start + 3,
-        "language.feature_port": start + 4,
-        "language.metrics_port": start + 5,
-        "language.http_port": start + 6,  # unused by the bench, but each setup's servers bind one
-    }
-
-
-def run_metered(deployment: Deployment, workload: Workload, total: int, label: str, **load: Any) -> LoadResult:
-    return server_cpu.metered(deployment, lambda: asyncio.run(
-        run_load(deployment.address, workload.request, total, progress=Progress(total, label), **load)
-    ))
-
-
-def warm(deployment: Deployment, workload: Workload, count: int) -> None:
-    asyncio.run(run_load(deployment.address, workload.request, count, concurrency=count))
-
-
-def run_vllm(server: VllmServer, workload: Workload, total: int, label: str, concurrency: int,
-             bodies: Callable[[int], dict[str, Any]] | None = None) -> LoadResult:
-    """A closed loop against plain vLLM, with the CPU seconds of its processes (server and engine);
-    the workload's requests unless `bodies` makes them."""
-    bodies = bodies or workload_bodies(workload, server.name)
-    return server_cpu.metered_pids({"vllm": server.process.pid}, lambda: asyncio.run(
-        run_chat_load(server.base_url, bodies, total, concurrency, progress=Progress(total, label))
-    ))
-
-
-def warm_vllm(server: VllmServer, workload: Workload, count: int) -> None:
-    result = asyncio.run(run_chat_load(server.base_url, workload_bodies(workload, server.name), count, count))
-    failed = [r.error for r in result.records if not r.completed]
-    if failed:
-        raise RuntimeError(f"{server.name}: warm-up requests failed: {failed[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency and --max-num-seqs must be >= 1")
 
     vision_cpus, llm_cpus = _cpus(args, parser)
-    vllm_reason = _vllm_skip_reason(args)
+    vllm_reason = vllm_phase.skip_reason(args)
     if vllm_reason is not None:
         if args.vllm:
             parser.error(f"--vllm: {vllm_reason}")
@@ -268,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         Setup("colocated-a", "colocated", 0, args.llm_threads, args.device, args.device, (), llm_cpus),
         Setup("colocated-b", "colocated", 0, total_threads, args.device, args.device, (), vision_cpus + llm_cpus),
     ]
-    vllm_setups, vllm_servers, vllm_info = _vllm_plan(args, model_path) if args.vllm else ([], [], {})
+    vllm_setups, vllm_servers, vllm_info = vllm_phase.plan(args, model_path) if args.vllm else ([], [], {})
     if args.vllm:
         print(vllm_info["setups"])
     log_dir = RESULTS / "logs"
@@ -336,9 +247,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.vllm:
             for deployment in deployments.values():  # their memory goes to the vLLM engines
                 deployment.stop()
-            vllm_runs, vllm_info["error"] = _vllm_phase(args, rate_load, model_path, vllm_setups, vllm_servers,
-                                                         vllm_info, log_dir)
-            for setup in VLLM_ORDER:
+            vllm_runs, vllm_info["error"] = vllm_phase.run_phase(args, rate_load, model_path, vllm_setups,
+                                                                 vllm_servers, vllm_info, log_dir)
+            for setup in vllm_phase.VLLM_ORDER:
                 if vllm_runs.get(setup):
                     closed[(setup, rate_load.name)] = summarize(vllm_runs[setup])
                     runs.append({"setup": setup, "workload": rate_load.name, "load": f"closed-{args.concurrency}",
@@ -366,120 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     print(f"\nwrote {path} (+ .md, .png) in {report['wall_s'] / 60:.1f} min")
     return 0
-
-
-# Pairs of vLLM setups that run side by side, stage by stage; between stages one server is swapped
-# for another, so that at most two vLLM engines are up at a time and each ratio's runs lie together.
-VLLM_STAGES = (("dvd-vllm", "vllm-b"), ("dvd-vllm", "vllm-a"), ("dvd-vllm-vir", "vllm-a"), ("dvd-vllm-vir", "vllm-b"))
-
-
-def _vllm_phase(args: argparse.Namespace, workload: Workload, model_path: Path, setups: list[Setup],
-                servers: list[VllmServer], info: dict[str, Any],
-                log_dir: Path) -> tuple[dict[str, list[LoadResult]], str | None]:
-    """The vLLM setups' closed loops at `workload`, stage by stage (VLLM_STAGES): each stage runs
-    `--rounds` rounds of its two setups, alternating. Returns their results by setup and what
-    stopped the phase early (None when nothing did). Stops every server it starts."""
-    results: dict[str, list[LoadResult]] = defaultdict(list)
-    planned: dict[str, Setup | VllmServer] = {setup.name: setup for setup in setups} | {s.name: s for s in servers}
-    running: dict[str, Deployment | VllmServer] = {}
-
-    def start(name: str) -> None:
-        item = planned[name]
-        if isinstance(item, VllmServer):
-            print(f"starting {name} (plain vLLM, OpenAI HTTP server on port {item.port}, cpus {list(item.cpus)})")
-            running[name] = server = replace(item).start(VLLM_START_S)  # a fresh process each time
-            warm_vllm(server, workload, 2)
-            return
-        path = info["flash_model"] if item.flash else str(model_path)
-        overrides = {
-            **item.overrides(path, args.dtype, args.vision_batch_tiles, args.kv_blocks, args.max_num_seqs),
-            **setup_ports(3 + setups.index(item), args.port_base),
-        }
-        print(f"starting {name} (decoupled, vision {item.vision_threads} threads on cpus {list(item.vision_cpus)}, "
-              f"vLLM engine on cpus {list(item.llm_cpus)})")
-        running[name] = deployment = Deployment(BASE_CONFIG, overrides, log_dir=log_dir / name).start(VLLM_START_S)
-        warm(deployment, workload, 2)
-
-    def run(name: str, label: str) -> LoadResult:
-        target = running[name]
-        if isinstance(target, VllmServer):
-            return run_vllm(target, workload, args.requests, label, args.concurrency)
-        return run_metered(target, workload, args.requests, label, concurrency=args.concurrency)
-
-    try:
-        for stage in (pair for pair in VLLM_STAGES if all(name in planned for name in pair)):
-            for name in [name for name in running if name not in stage]:
-                running.pop(name).stop()
-            for name in stage:
-                if name not in running:
-                    start(name)
-            for round_index in range(args.rounds):
-                suffix = f" ({round_index + 1}/{args.rounds})" if args.rounds > 1 else ""
-                for name in stage:
-                    results[name].append(run(name, f"{name} {workload.name}{suffix}"))
-    except (LaunchError, VllmStartError, RuntimeError, OSError) as exc:
-        print(f"vLLM phase stopped: {exc}")
-        return results, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    finally:
-        for target in running.values():
-            target.stop()
-    return results, None
-
-
-def _vllm_skip_reason(args: argparse.Namespace) -> str | None:
-    """Why the vLLM setups cannot run here, or None."""
-    if args.vllm is False:
-        return "--no-vllm"
-    if args.device != "cpu" or (args.vision_device or args.device) != "cpu":
-        return "the vLLM setups are laid out for CPU runs (thread budgets bound to CPUs)"
-    needed = args.vision_threads + args.llm_threads
-    allowed = len(os.sched_getaffinity(0))
-    if allowed < needed:
-        return f"binding needs {needed} CPUs (vision + llm threads); this process may use {allowed}"
-    return vllm_import_error()
-
-
-def _vllm_plan(args: argparse.Namespace, model_path: Path) -> tuple[list[Setup], list[VllmServer], dict[str, Any]]:
-    """DvD's setups with vLLM's engine, the plain vLLM servers and what the report says of them.
-    CPUs: DvD's vision server gets the first --vision-threads of this process's CPUs and vLLM the
-    next --llm-threads (the CPUs --bind-cpus gives DvD); plain vLLM (b) gets both sets, (a) the
-    second."""
-    allowed = sorted(os.sched_getaffinity(0))
-    vision_cpus = tuple(allowed[: args.vision_threads])
-    llm_cpus = tuple(allowed[args.vision_threads : args.vision_threads + args.llm_threads])
-    kv_gib = args.vllm_kv_cache_gib or kv_cache_gib(model_path, args.kv_blocks * LanguageConfig.block_size, args.dtype)
-    flash = bench_flash_model(args.model, args.device)
-    dvd = dict(mode="decoupled", vision_threads=args.vision_threads, llm_threads=len(llm_cpus),
-               vision_cpus=vision_cpus, llm_cpus=llm_cpus, engine="vllm", kv_cache_gib=kv_gib)
-    setups = [Setup("dvd-vllm", **dvd)]
-    if flash is not None:
-        setups.append(Setup("dvd-vllm-vir", flash=True, **dvd))
-    base = len(setups) + 3  # port blocks after the three DvD-vs-colocated setups and DvD's vLLM setups
-    language = load_config(BASE_CONFIG).language  # what DvD's language server passes to vLLM's engine
-    common = dict(model=model_path, dtype=args.dtype, max_model_len=language.max_model_len,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=language.max_num_batched_tokens,
-                  kv_cache_gib=kv_gib)
-    from language_server.vllm_engine.args import cpu_preload  # the libraries DvD's vLLM engine preloads
-
-    preload = tuple(cpu_preload())
-    servers = [
-        VllmServer(name=name, cpus=cpus, port=setup_ports(base + i, args.port_base)["vision.job_port"],
-                   preload=preload, log_path=RESULTS / "logs" / name / "vllm.log", **common)
-        for i, (name, cpus) in enumerate((("vllm-b", vision_cpus + llm_cpus), ("vllm-a", llm_cpus)))
-    ]
-    info = {
-        "kv_cache_gib": kv_gib,
-        "flash_model": str(flash) if flash is not None else None,
-        "setups": (f"dvd-vllm: DvD, vision server on cpus {list(vision_cpus)} ({args.vision_threads} threads), "
-                   f"vLLM engine on cpus {list(llm_cpus)}; "
-                   + (f"dvd-vllm-vir: the same on {flash.name} of {flash.parent.name} (ViR router); "
-                      if flash is not None else f"dvd-vllm-vir: not run ({args.model} has no -Flash variant); ")
-                   + f"vllm-b: plain vLLM on cpus {list(vision_cpus + llm_cpus)}; "
-                   f"vllm-a: plain vLLM on cpus {list(llm_cpus)}; every vLLM engine: KV cache {kv_gib} GiB, "
-                   f"max_num_seqs {args.max_num_seqs}, max_num_batched_tokens "
-                   f"{language.max_num_batched_tokens}, max_model_len {language.max_model_len}, {args.dtype}."),
-    }
-    return setups, servers, info
 
 
 def _cpus(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from benchmarks.bench import BASE_CONFIG, PORT_BASE, PORTS_PER_SETUP, Setup, run_metered, setup_ports, warm
+from benchmarks.setups import BASE_CONFIG, PORT_BASE, PORTS_PER_SETUP, Setup, run_metered, setup_ports, warm
 from benchmarks.load import LoadResult, summarize
 from benchmarks.models import bench_model
 from benchmarks.report import RESULTS, markdown_table, write_json

@@ -25,7 +25,8 @@ import os
 import time
 from typing import Any, Callable
 
-from benchmarks.bench import BASE_CONFIG, VLLM_START_S, Setup, run_metered, run_vllm, setup_ports, warm, warm_vllm
+from benchmarks.setups import BASE_CONFIG, Setup, run_metered, setup_ports, warm
+from benchmarks.vllm_phase import VLLM_START_S, run_vllm, warm_vllm
 from benchmarks.http_load import chat_body
 from benchmarks.load import LoadResult, summarize
 from benchmarks.models import NAMES, bench_model, small_variant

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from transformers import InternVLForConditionalGeneration
 
-from benchmarks.bench import BASE_CONFIG, Setup
+from benchmarks.setups import BASE_CONFIG, Setup
 from benchmarks.models import QWEN3_8B, VIT_300M
 from pipeline.config import load_config
 from pipeline.model.tiny_weights import build_model, internvl_config

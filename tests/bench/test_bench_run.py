@@ -10,7 +10,8 @@ import os
 
 import pytest
 
-from benchmarks import bench, report
+from benchmarks import bench, report, vllm_phase
+from benchmarks.setups import PORT_BASE, PORTS_PER_SETUP, Setup
 from benchmarks.workloads import Workload
 from tests.conftest import free_ports
 
@@ -119,7 +120,7 @@ def test_default_ports_lie_below_the_ephemeral_range() -> None:
     (it once stopped `make bench` when the vision-only receiver bound one)."""
     low = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
     setups = 7  # dvd, colocated-a and -b, dvd-vllm, dvd-vllm-vir, vllm-b, vllm-a
-    assert bench.PORT_BASE + setups * bench.PORTS_PER_SETUP <= low
+    assert PORT_BASE + setups * PORTS_PER_SETUP <= low
 
 
 
@@ -130,18 +131,18 @@ def vllm_args(**changes) -> argparse.Namespace:
 
 
 def test_vllm_setups_are_skipped_with_a_reason(monkeypatch) -> None:
-    monkeypatch.setattr(bench, "vllm_import_error", lambda: "ModuleNotFoundError: No module named 'vllm'")
+    monkeypatch.setattr(vllm_phase, "vllm_import_error", lambda: "ModuleNotFoundError: No module named 'vllm'")
     monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 1})
-    assert bench._vllm_skip_reason(vllm_args(vllm=False)) == "--no-vllm"
-    assert "CPU runs" in bench._vllm_skip_reason(vllm_args(device="cuda:0"))
-    assert "needs 3 CPUs" in bench._vllm_skip_reason(vllm_args(llm_threads=2))
-    assert bench._vllm_skip_reason(vllm_args()) == "ModuleNotFoundError: No module named 'vllm'"
-    monkeypatch.setattr(bench, "vllm_import_error", lambda: None)
-    assert bench._vllm_skip_reason(vllm_args()) is None
+    assert vllm_phase.skip_reason(vllm_args(vllm=False)) == "--no-vllm"
+    assert "CPU runs" in vllm_phase.skip_reason(vllm_args(device="cuda:0"))
+    assert "needs 3 CPUs" in vllm_phase.skip_reason(vllm_args(llm_threads=2))
+    assert vllm_phase.skip_reason(vllm_args()) == "ModuleNotFoundError: No module named 'vllm'"
+    monkeypatch.setattr(vllm_phase, "vllm_import_error", lambda: None)
+    assert vllm_phase.skip_reason(vllm_args()) is None
 
 
 def test_bench_refuses_vllm_it_cannot_run(monkeypatch, capsys) -> None:
-    monkeypatch.setattr(bench, "vllm_import_error", lambda: "ModuleNotFoundError: No module named 'vllm'")
+    monkeypatch.setattr(vllm_phase, "vllm_import_error", lambda: "ModuleNotFoundError: No module named 'vllm'")
     monkeypatch.setattr(bench.os, "sched_getaffinity", lambda pid: {0, 1})
     with pytest.raises(SystemExit) as stop:
         bench.main(["--vllm", "--sizes", "448px"])
@@ -156,21 +157,21 @@ def test_vllm_plan_gives_each_setup_its_cpus_and_ports(monkeypatch, tmp_path) ->
     model.joinpath("config.json").write_text(json.dumps({"text_config": {
         "num_hidden_layers": 4, "num_attention_heads": 6, "num_key_value_heads": 2, "head_dim": 64,
         "hidden_size": 384}}))
-    monkeypatch.setattr(bench, "bench_flash_model", lambda name, device: tmp_path / "flash")
-    setups, servers, info = bench._vllm_plan(vllm_args(llm_threads=2), model)
+    monkeypatch.setattr(vllm_phase, "bench_flash_model", lambda name, device: tmp_path / "flash")
+    setups, servers, info = vllm_phase.plan(vllm_args(llm_threads=2), model)
     assert [s.name for s in setups] == ["dvd-vllm", "dvd-vllm-vir"]
     assert all(s.engine == "vllm" and s.vision_cpus == (2,) and s.llm_cpus == (4, 6) for s in setups)
     assert [s.flash for s in setups] == [False, True] and info["flash_model"] == str(tmp_path / "flash")
     assert [(s.name, s.cpus) for s in servers] == [("vllm-b", (2, 4, 6)), ("vllm-a", (4, 6))]
     # port blocks 5 and 6: after dvd, colocated-a, colocated-b, dvd-vllm and dvd-vllm-vir
-    assert [s.port for s in servers] == [26000 + 5 * bench.PORTS_PER_SETUP, 26000 + 6 * bench.PORTS_PER_SETUP]
+    assert [s.port for s in servers] == [26000 + 5 * PORTS_PER_SETUP, 26000 + 6 * PORTS_PER_SETUP]
     assert all(s.max_num_seqs == 8 and s.kv_cache_gib == 1 and s.model == model for s in servers)
     assert info["kv_cache_gib"] == 1 and "vllm-a: plain vLLM on cpus [4, 6]" in info["setups"]
 
-    monkeypatch.setattr(bench, "bench_flash_model", lambda name, device: None)
-    setups, servers, info = bench._vllm_plan(vllm_args(vllm_kv_cache_gib=3), model)
+    monkeypatch.setattr(vllm_phase, "bench_flash_model", lambda name, device: None)
+    setups, servers, info = vllm_phase.plan(vllm_args(vllm_kv_cache_gib=3), model)
     assert [s.name for s in setups] == ["dvd-vllm"] and "dvd-vllm-vir: not run" in info["setups"]
-    assert [s.port for s in servers] == [26000 + 4 * bench.PORTS_PER_SETUP, 26000 + 5 * bench.PORTS_PER_SETUP]
+    assert [s.port for s in servers] == [26000 + 4 * PORTS_PER_SETUP, 26000 + 5 * PORTS_PER_SETUP]
     assert {s.kv_cache_gib for s in [*setups, *servers]} == {3}
 
 
@@ -206,20 +207,20 @@ def test_the_vllm_phase_runs_each_pair_side_by_side_with_two_engines_at_most(mon
         events.append(f"stop {self.name}")
         up.discard(self.name)
 
-    monkeypatch.setattr(bench, "Deployment", FakeDeployment)
-    monkeypatch.setattr(bench.VllmServer, "start", server_start)
-    monkeypatch.setattr(bench.VllmServer, "stop", server_stop)
-    monkeypatch.setattr(bench, "warm", lambda deployment, workload, count: None)
-    monkeypatch.setattr(bench, "warm_vllm", lambda server, workload, count: None)
-    monkeypatch.setattr(bench, "run_vllm", lambda server, *a: events.append(f"run {server.name}") or server.name)
-    monkeypatch.setattr(bench, "run_metered", lambda d, *a, **k: events.append(f"run {d.name}") or d.name)
-    setups = [bench.Setup(name, "decoupled", 1, 1, engine="vllm", flash=name.endswith("vir"))
+    monkeypatch.setattr(vllm_phase, "Deployment", FakeDeployment)
+    monkeypatch.setattr(vllm_phase.VllmServer, "start", server_start)
+    monkeypatch.setattr(vllm_phase.VllmServer, "stop", server_stop)
+    monkeypatch.setattr(vllm_phase, "warm", lambda deployment, workload, count: None)
+    monkeypatch.setattr(vllm_phase, "warm_vllm", lambda server, workload, count: None)
+    monkeypatch.setattr(vllm_phase, "run_vllm", lambda server, *a: events.append(f"run {server.name}") or server.name)
+    monkeypatch.setattr(vllm_phase, "run_metered", lambda d, *a, **k: events.append(f"run {d.name}") or d.name)
+    setups = [Setup(name, "decoupled", 1, 1, engine="vllm", flash=name.endswith("vir"))
               for name in ("dvd-vllm", "dvd-vllm-vir")]
-    servers = [bench.VllmServer(model=tmp_path, port=1, name=name) for name in ("vllm-b", "vllm-a")]
+    servers = [vllm_phase.VllmServer(model=tmp_path, port=1, name=name) for name in ("vllm-b", "vllm-a")]
     args = argparse.Namespace(dtype="float32", vision_batch_tiles=1, kv_blocks=64, max_num_seqs=2, port_base=26000,
                               rounds=2, requests=4, concurrency=3)
     workload = Workload("896px", 896, (b"jpeg",), 8)
-    results, error = bench._vllm_phase(args, workload=workload, model_path=tmp_path / "hf", setups=setups,
+    results, error = vllm_phase.run_phase(args, workload=workload, model_path=tmp_path / "hf", setups=setups,
                                        servers=servers, info={"flash_model": "/flash"}, log_dir=tmp_path)
     assert error is None and most == 2 and not up
     assert {name: len(runs) for name, runs in results.items()} == {
@@ -245,15 +246,15 @@ def test_a_vllm_phase_that_fails_reports_why_and_stops_what_it_started(monkeypat
             stopped.append(self.name)
 
     def server_start(self, timeout_s):
-        raise bench.VllmStartError(f"{self.name}: exited with status 1 during start-up\nlog tail")
+        raise vllm_phase.VllmStartError(f"{self.name}: exited with status 1 during start-up\nlog tail")
 
-    monkeypatch.setattr(bench, "Deployment", FakeDeployment)
-    monkeypatch.setattr(bench.VllmServer, "start", server_start)
-    monkeypatch.setattr(bench, "warm", lambda deployment, workload, count: None)
+    monkeypatch.setattr(vllm_phase, "Deployment", FakeDeployment)
+    monkeypatch.setattr(vllm_phase.VllmServer, "start", server_start)
+    monkeypatch.setattr(vllm_phase, "warm", lambda deployment, workload, count: None)
     args = argparse.Namespace(dtype="float32", vision_batch_tiles=1, kv_blocks=64, max_num_seqs=2, port_base=26000,
                               rounds=1, requests=4, concurrency=3)
-    results, error = bench._vllm_phase(
-        args, workload=None, model_path=tmp_path, setups=[bench.Setup("dvd-vllm", "decoupled", 1, 1, engine="vllm")],
-        servers=[bench.VllmServer(model=tmp_path, port=1, name="vllm-b")], info={}, log_dir=tmp_path)
+    results, error = vllm_phase.run_phase(
+        args, workload=None, model_path=tmp_path, setups=[Setup("dvd-vllm", "decoupled", 1, 1, engine="vllm")],
+        servers=[vllm_phase.VllmServer(model=tmp_path, port=1, name="vllm-b")], info={}, log_dir=tmp_path)
     assert error == "VllmStartError: vllm-b: exited with status 1 during start-up"
     assert stopped == ["dvd-vllm"] and not results
