@@ -25,13 +25,13 @@ import os
 import time
 from typing import Any, Callable
 
-from benchmarks.setups import BASE_CONFIG, Setup, run_metered, setup_ports, warm
-from benchmarks.vllm_phase import VLLM_START_S, run_vllm, warm_vllm
 from benchmarks.http_load import chat_body
 from benchmarks.load import LoadResult, summarize
 from benchmarks.models import NAMES, bench_model, small_variant
 from benchmarks.report import RESULTS, markdown_table, write_json
+from benchmarks.setups import BASE_CONFIG, Setup, run_metered, setup_ports, warm
 from benchmarks.single_stage import filler_text, prompt_tokens
+from benchmarks.vllm_phase import VLLM_START_S, run_vllm, warm_vllm
 from benchmarks.vllm_server import VllmServer, vllm_import_error
 from benchmarks.workloads import PROMPT, SIZES, workloads
 from pipeline.config import load_config
