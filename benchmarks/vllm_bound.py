@@ -31,10 +31,9 @@ from benchmarks.models import NAMES, bench_model, small_variant
 from benchmarks.report import RESULTS, markdown_table, write_json
 from benchmarks.setups import BASE_CONFIG, Setup, run_metered, setup_ports, warm
 from benchmarks.single_stage import filler_text, prompt_tokens
-from benchmarks.vllm_phase import VLLM_START_S, run_vllm, warm_vllm
-from benchmarks.vllm_server import VllmServer, vllm_import_error
+from benchmarks.vllm_phase import VLLM_START_S, plain_server, run_vllm, warm_vllm
+from benchmarks.vllm_server import vllm_import_error
 from benchmarks.workloads import PROMPT, SIZES, workloads
-from pipeline.config import load_config
 from pipeline.entrypoints.launch import Deployment
 
 
@@ -100,12 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         deployment.stop()
     text = filler_text(model_path, tokens)
 
-    language = load_config(BASE_CONFIG).language
     for index, (name, cpu_set) in enumerate((("vllm-b", both), ("vllm-a", second)), start=1):
-        server = VllmServer(model=model_path, port=setup_ports(index, args.port_base)["vision.job_port"], name=name,
-                            cpus=cpu_set, dtype=args.dtype, max_model_len=language.max_model_len,
-                            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=language.max_num_batched_tokens,
-                            kv_cache_gib=args.kv_cache_gib, preload=_preload(), log_path=logs / name / "vllm.log")
+        server = plain_server(name, cpu_set, setup_ports(index, args.port_base)["vision.job_port"], model_path,
+                              args.dtype, args.max_num_seqs, args.kv_cache_gib, logs / name)
         with server.start(VLLM_START_S):
             warm_vllm(server, workload, 2)
             runs[name] = run_vllm(server, workload, args.requests, name, args.concurrency)
@@ -113,18 +109,19 @@ def main(argv: list[str] | None = None) -> int:
                 runs["text-a"] = run_vllm(server, workload, args.requests, "text-a", args.concurrency,
                                           bodies=text_bodies(name, text, args.output_tokens))
 
-    failed = {name: errors for name, run in runs.items() if (errors := summarize([run])["errors"])}
+    summaries = {name: summarize([run]) for name, run in runs.items()}
+    failed = {name: summary["errors"] for name, summary in summaries.items() if summary["errors"]}
     if failed:  # a failed request is cheap, and would flatter its run's figures
         raise SystemExit(f"requests failed, no bound computed: {failed} (logs in {logs})")
-    rates = {name: summarize([run])["request_throughput"] for name, run in runs.items()}
-    steady = {name: summarize([run])["steady_request_throughput"] for name, run in runs.items()}
+    rates = {name: summary["request_throughput"] for name, summary in summaries.items()}
+    steady = {name: summary["steady_request_throughput"] for name, summary in summaries.items()}
     per_request = {name: sum(run.server_cpu_s.values()) / len(run.records) for name, run in runs.items()}
     per_request["dvd-vllm vision"] = runs["dvd-vllm"].server_cpu_s["vision-0"] / len(runs["dvd-vllm"].records)
     figures = bound(rates, per_request)
     report = {
         "args": vars(args), "model": str(model_path), "prompt_tokens": tokens, "figures": figures,
         "runs": {name: {"req_s": rates[name], "steady_req_s": steady[name], "cpu_s": run.server_cpu_s,
-                        "cpu_s_per_request": per_request[name], "summary": summarize([run])}
+                        "cpu_s_per_request": per_request[name], "summary": summaries[name]}
                  for name, run in runs.items()},
         "wall_s": time.perf_counter() - started,
     }  # fmt: skip
@@ -138,12 +135,6 @@ def main(argv: list[str] | None = None) -> int:
           f"bound as sized {figures['as_sized']:.2f}x, balanced {figures['balanced']:.2f}x")
     print(f"wrote {path} in {report['wall_s'] / 60:.1f} min")
     return 0
-
-
-def _preload() -> tuple[str, ...]:
-    from language_server.vllm_engine.args import cpu_preload  # the libraries DvD's vLLM engine preloads
-
-    return tuple(cpu_preload())
 
 
 if __name__ == "__main__":

@@ -131,18 +131,12 @@ def plan(args: argparse.Namespace, model_path: Path) -> tuple[list[Setup], list[
     if flash is not None:
         setups.append(Setup("dvd-vllm-vir", flash=True, **dvd))
     base = len(setups) + 3  # port blocks after the three DvD-vs-colocated setups and DvD's vLLM setups
-    language = load_config(BASE_CONFIG).language  # what DvD's language server passes to vLLM's engine
-    common = dict(model=model_path, dtype=args.dtype, max_model_len=language.max_model_len,
-                  max_num_seqs=args.max_num_seqs, max_num_batched_tokens=language.max_num_batched_tokens,
-                  kv_cache_gib=kv_gib)
-    from language_server.vllm_engine.args import cpu_preload  # the libraries DvD's vLLM engine preloads
-
-    preload = tuple(cpu_preload())
     servers = [
-        VllmServer(name=name, cpus=cpus, port=setup_ports(base + i, args.port_base)["vision.job_port"],
-                   preload=preload, log_path=RESULTS / "logs" / name / "vllm.log", **common)
+        plain_server(name, cpus, setup_ports(base + i, args.port_base)["vision.job_port"], model_path, args.dtype,
+                     args.max_num_seqs, kv_gib, RESULTS / "logs" / name)
         for i, (name, cpus) in enumerate((("vllm-b", vision_cpus + llm_cpus), ("vllm-a", llm_cpus)))
     ]
+    engine = servers[0]  # every plain vLLM engine has DvD's engine settings
     info = {
         "kv_cache_gib": kv_gib,
         "flash_model": str(flash) if flash is not None else None,
@@ -153,6 +147,19 @@ def plan(args: argparse.Namespace, model_path: Path) -> tuple[list[Setup], list[
                    + f"vllm-b: plain vLLM on cpus {list(vision_cpus + llm_cpus)}; "
                    f"vllm-a: plain vLLM on cpus {list(llm_cpus)}; every vLLM engine: KV cache {kv_gib} GiB, "
                    f"max_num_seqs {args.max_num_seqs}, max_num_batched_tokens "
-                   f"{language.max_num_batched_tokens}, max_model_len {language.max_model_len}, {args.dtype}."),
+                   f"{engine.max_num_batched_tokens}, max_model_len {engine.max_model_len}, {args.dtype}."),
     }
     return setups, servers, info
+
+
+def plain_server(name: str, cpus: tuple[int, ...], port: int, model_path: Path, dtype: str, max_num_seqs: int,
+                 kv_cache_gib: int, log_dir: Path) -> VllmServer:
+    """Plain vLLM (not started) with the engine settings DvD's language server passes to vLLM's engine,
+    and the libraries it preloads."""
+    from language_server.vllm_engine.args import cpu_preload
+
+    language = load_config(BASE_CONFIG).language
+    return VllmServer(model=model_path, port=port, name=name, cpus=cpus, dtype=dtype,
+                      max_model_len=language.max_model_len, max_num_seqs=max_num_seqs,
+                      max_num_batched_tokens=language.max_num_batched_tokens, kv_cache_gib=kv_cache_gib,
+                      preload=tuple(cpu_preload()), log_path=log_dir / "vllm.log")
